@@ -1,0 +1,3 @@
+"""COLA audio representations on the Free Music Archive, as a reproducible pipeline."""
+
+__version__ = "0.1.0"

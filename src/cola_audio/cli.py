@@ -1,0 +1,114 @@
+"""`cola <stage>`: one subcommand per pipeline stage; Snakemake rules and DVC stages call only these."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cola_audio import params as params_mod
+
+log = logging.getLogger("cola_audio")
+
+
+def _download(args: argparse.Namespace, params: dict) -> None:
+    from cola_audio import download
+
+    download.run(params)
+
+
+def _prepare(args: argparse.Namespace, params: dict) -> None:
+    from cola_audio import prepare
+
+    prepare.run(params, out_dir=args.out)
+
+
+def _featurize(args: argparse.Namespace, params: dict) -> None:
+    from cola_audio import featurize
+
+    featurize.run(params, shard=args.shard, do_gather=args.gather, workers=args.workers,
+                  meta_dir=args.meta, out_dir=args.out)
+
+
+def _pretrain(args: argparse.Namespace, params: dict) -> None:
+    from cola_audio import pretrain
+
+    pretrain.run(params, features=args.features, meta_dir=args.meta, out_dir=args.out)
+
+
+def _finetune(args: argparse.Namespace, params: dict) -> None:
+    from cola_audio import finetune
+
+    finetune.run(params, run_name=args.run, features=args.features, meta_dir=args.meta,
+                 encoder=args.encoder, out_dir=args.out)
+
+
+def _report(args: argparse.Namespace, params: dict) -> None:
+    from cola_audio import report
+
+    report.run(params, params_path=args.params, out_dir=args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cola", description=__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
+                        help="parameter file (default: params.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    p = sub.add_parser("download", help="fetch and verify FMA, or write the embedded dataset")
+    p.set_defaults(func=_download)
+
+    p = sub.add_parser("prepare", help="tracks.csv → metadata JSON (official split, labels)")
+    p.add_argument("--out", type=Path, default=Path("data/meta"))
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("featurize", help="audio → sharded log-mel feature store")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--shard", type=int, help="featurize only this shard (0-based)")
+    group.add_argument("--gather", action="store_true", help="only join the shard indexes")
+    p.add_argument("--workers", type=int, help="processes (default: features.workers)")
+    p.add_argument("--meta", type=Path, default=Path("data/meta"))
+    p.add_argument("--out", type=Path, default=Path("data/features"))
+    p.set_defaults(func=_featurize)
+
+    p = sub.add_parser("pretrain", help="COLA contrastive pretraining of the encoder")
+    p.add_argument("--features", type=Path, default=Path("data/features"))
+    p.add_argument("--meta", type=Path, default=Path("data/meta"))
+    p.add_argument("--out", type=Path, default=Path("models/pretrain"))
+    p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("finetune", help="genre classification: one run of finetune.runs")
+    p.add_argument("--run", required=True, help="a key of finetune.runs in params.yaml")
+    p.add_argument("--features", type=Path, default=Path("data/features"))
+    p.add_argument("--meta", type=Path, default=Path("data/meta"))
+    p.add_argument("--encoder", type=Path, default=Path("models/pretrain/encoder.safetensors"))
+    p.add_argument("--out", type=Path, default=Path("models/finetune"))
+    p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("report", help="results table, curves, confusion matrices, provenance")
+    p.add_argument("--out", type=Path, default=Path("reports"))
+    p.set_defaults(func=_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        params = params_mod.load(args.params)
+        args.func(args, params)
+    except params_mod.ParamsError as exc:
+        print(f"cola {args.stage}: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
+        print(f"cola {args.stage}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""`cola featurize`: the log-mel feature store under data/features/.
+
+FMA-large has 106,574 clips; one file per clip chokes DVC and Snakemake, so clips go to a fixed
+number of shards (track t → shard t % n_shards), each one float16 .npy of stacked frames plus a JSON
+index (track id, offset, frames). Shards are independent jobs for the orchestrator; `--gather`
+joins their indexes and enforces the skipped-clip threshold. A shard's JSON is written last and
+atomically, so a killed job never leaves a shard that looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import soundfile as sf
+from tqdm import tqdm
+
+from cola_audio import fsutil
+from cola_audio.frontend import FrontEnd
+
+log = logging.getLogger(__name__)
+DTYPE = np.float16
+
+
+class TooManySkipped(RuntimeError):
+    """More clips failed to decode than features.max_skipped_fraction allows."""
+
+
+@dataclass(frozen=True)
+class Decoded:
+    track_id: int
+    features: np.ndarray | None
+    reason: str | None = None
+
+
+def decode(path: Path) -> tuple[np.ndarray, int, int]:
+    """(mono float32 waveform, sample rate, frames the header announces)."""
+    with sf.SoundFile(path) as fh:
+        header_frames, sr = fh.frames, fh.samplerate
+        audio = fh.read(dtype="float32", always_2d=True)
+    return audio.mean(axis=1), sr, header_frames
+
+
+def check_audio(path: Path, features: dict[str, Any]) -> tuple[np.ndarray, int] | str:
+    """The decoded mono waveform and its rate, or the reason the clip must be skipped."""
+    if not path.is_file():
+        return "missing file"
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    try:
+        wave, sr, header_frames = decode(path)
+    except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
+        detail = getattr(exc, "error_string", None) or str(exc)
+        return f"undecodable: no audio stream libsndfile can open ({detail})"
+    if len(wave) == 0:
+        return "no audio frames (tags only?)"
+    if header_frames > 0 and len(wave) < features["min_decoded_fraction"] * header_frames:
+        return (f"truncated stream: decoded {len(wave)} of {header_frames} frames the header "
+                f"announces ({len(wave) / header_frames:.0%})")
+    seconds = len(wave) / sr
+    if seconds < features["min_seconds"]:
+        return f"too short: {seconds:.2f} s < features.min_seconds {features['min_seconds']}"
+    return wave, sr
+
+
+def featurize_file(track_id: int, path: str, features: dict[str, Any]) -> Decoded:
+    """Decode and featurize one clip, turning every failure into a recorded reason."""
+    checked = check_audio(Path(path), features)
+    if isinstance(checked, str):
+        return Decoded(track_id, None, checked)
+    wave, sr = checked
+    feats = FrontEnd.from_params(features).features(wave, sr)
+    if len(feats) == 0:
+        return Decoded(track_id, None, "too short for one analysis frame")
+    return Decoded(track_id, feats.astype(DTYPE))
+
+
+def _featurize_star(args: tuple[int, str, dict[str, Any]]) -> Decoded:
+    return featurize_file(*args)
+
+
+def tracks_to_featurize(meta_dir: Path) -> dict[int, str]:
+    """Union of fine-tuning and pretraining tracks → audio path (the fine-tuning copy first)."""
+    finetune = fsutil.read_json(meta_dir / "finetune.json")["tracks"]
+    pretrain = fsutil.read_json(meta_dir / "pretrain.json")["tracks"]
+    paths: dict[int, str] = {}
+    for track in pretrain + finetune:  # later wins: fine-tuning paths override
+        paths[int(track["track_id"])] = track["audio"]
+    return dict(sorted(paths.items()))
+
+
+def shard_name(shard: int) -> str:
+    return f"{shard:03d}"
+
+
+def shard_paths(out_dir: Path, shard: int) -> tuple[Path, Path]:
+    base = Path(out_dir) / "shards" / shard_name(shard)
+    return base.with_suffix(".npy"), base.with_suffix(".json")
+
+
+def _workers(requested: int) -> int:
+    return requested or len(os.sched_getaffinity(0))
+
+
+def featurize_shard(tracks: dict[int, str], shard: int, features: dict[str, Any],
+                    out_dir: Path, workers: int = 0) -> dict[str, Any]:
+    """Write one shard (.npy of frames, then its .json index); return the index document."""
+    n_shards = features["n_shards"]
+    mine = [(tid, path) for tid, path in sorted(tracks.items()) if tid % n_shards == shard]
+    npy_path, json_path = shard_paths(out_dir, shard)
+    npy_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.unlink(missing_ok=True)  # no stale index may vouch for a shard being rewritten
+    index: list[list[int]] = []
+    skipped: list[dict[str, Any]] = []
+    offset = 0
+    n_workers = _workers(workers)
+    jobs = [(tid, path, features) for tid, path in mine]
+    with tempfile.TemporaryFile(dir=npy_path.parent, prefix=".raw-") as raw:
+        pool = ProcessPoolExecutor(n_workers) if n_workers > 1 else None
+        try:
+            results = pool.map(_featurize_star, jobs, chunksize=4) if pool else map(
+                _featurize_star, jobs)
+            desc = f"featurize shard {shard_name(shard)}/{n_shards}"
+            for (tid, path), result in tqdm(zip(mine, results, strict=True), total=len(mine),
+                                            desc=desc, unit="clip"):
+                if result.features is None:
+                    skipped.append({"track_id": tid, "audio": path, "reason": result.reason})
+                    continue
+                raw.write(np.ascontiguousarray(result.features).tobytes())
+                index.append([tid, offset, len(result.features)])
+                offset += len(result.features)
+        finally:
+            if pool:
+                pool.shutdown()
+        raw.seek(0)
+        with fsutil.atomic_path(npy_path) as npy_tmp, open(npy_tmp, "wb") as out:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(DTYPE)),
+                      "fortran_order": False, "shape": (offset, features["n_mels"])}
+            np.lib.format.write_array_header_1_0(out, header)
+            shutil.copyfileobj(raw, out, 1 << 22)
+    doc = {
+        "shard": shard,
+        "n_shards": n_shards,
+        "file": npy_path.name,
+        "dtype": np.dtype(DTYPE).name,
+        "n_mels": features["n_mels"],
+        "total_frames": offset,
+        "columns": ["track_id", "offset", "frames"],
+        "tracks": index,
+        "skipped": skipped,
+    }
+    fsutil.write_json(json_path, doc)
+    return doc
+
+
+def load_shard_index(out_dir: Path, shard: int, n_shards: int) -> dict[str, Any]:
+    npy_path, json_path = shard_paths(out_dir, shard)
+    if not json_path.is_file():
+        raise FileNotFoundError(f"{json_path}: shard {shard} is missing or incomplete; run "
+                                f"`cola featurize --shard {shard}`")
+    doc = fsutil.read_json(json_path)
+    if doc["n_shards"] != n_shards:
+        raise ValueError(f"{json_path}: written for {doc['n_shards']} shards, params say "
+                         f"{n_shards}; rerun `cola featurize`")
+    frames = np.load(npy_path, mmap_mode="r").shape[0]
+    if frames != doc["total_frames"]:
+        raise ValueError(f"{npy_path}: holds {frames} frames, its index says "
+                         f"{doc['total_frames']}; rerun `cola featurize --shard {shard}`")
+    return doc
+
+
+def gather(features: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Join shard indexes into index.csv and skipped.csv; fail past the skipped-fraction limit."""
+    out_dir = Path(out_dir)
+    n_shards = features["n_shards"]
+    docs = [load_shard_index(out_dir, k, n_shards) for k in range(n_shards)]
+    rows = [(t, d["shard"], o, f) for d in docs for t, o, f in d["tracks"]]
+    index = pd.DataFrame(rows, columns=["track_id", "shard", "offset", "frames"])
+    index = index.sort_values("track_id", kind="stable")
+    skipped = pd.DataFrame([s for d in docs for s in d["skipped"]],
+                           columns=["track_id", "audio", "reason"]).sort_values("track_id")
+    total = len(index) + len(skipped)
+    fraction = len(skipped) / total if total else 1.0
+    summary = {
+        "clips": total,
+        "featurized": len(index),
+        "skipped": len(skipped),
+        "skipped_fraction": round(fraction, 6),
+        "skipped_by_reason": dict(sorted(Counter(
+            r.split(":")[0] for r in skipped["reason"]).items())),
+        "hours": round(float(index["frames"].sum()) * features["frame_step"]
+                       / features["sample_rate"] / 3600, 4),
+        "n_shards": n_shards,
+        "frontend": dataclasses.asdict(FrontEnd.from_params(features)),
+    }
+    with fsutil.atomic_path(out_dir / "skipped.csv") as tmp:
+        skipped.to_csv(tmp, index=False, lineterminator="\n")
+    if fraction > features["max_skipped_fraction"]:
+        listed = "\n".join(f"  {r.audio}: {r.reason}" for r in skipped.itertuples())
+        raise TooManySkipped(
+            f"{len(skipped)} of {total} clips ({fraction:.1%}) could not be featurized, more than "
+            f"features.max_skipped_fraction = {features['max_skipped_fraction']}:\n{listed}\n"
+            "Re-download the damaged files or raise the threshold in params.yaml."
+        )
+    with fsutil.atomic_path(out_dir / "index.csv") as tmp:
+        index.to_csv(tmp, index=False, lineterminator="\n")
+    fsutil.write_json(out_dir / "summary.json", summary)
+    for row in skipped.itertuples():
+        log.warning("skipped %s: %s", row.audio, row.reason)
+    return summary
+
+
+def run(params: dict[str, Any], shard: int | None = None, do_gather: bool = False,
+        workers: int | None = None, meta_dir: Path = Path("data/meta"),
+        out_dir: Path = Path("data/features")) -> None:
+    """One shard (`--shard K`), the gather step (`--gather`), or everything (neither)."""
+    features = params["features"]
+    n_workers = features["workers"] if workers is None else workers
+    if shard is not None and not 0 <= shard < features["n_shards"]:
+        raise ValueError(f"--shard {shard} is out of range: features.n_shards = "
+                         f"{features['n_shards']} allows 0..{features['n_shards'] - 1}")
+    shards = [shard] if shard is not None else ([] if do_gather else range(features["n_shards"]))
+    if shards:
+        tracks = tracks_to_featurize(Path(meta_dir))
+        for k in shards:
+            doc = featurize_shard(tracks, k, features, Path(out_dir), n_workers)
+            log.info("shard %s: %d clips, %d frames, %d skipped", shard_name(k), len(doc["tracks"]),
+                     doc["total_frames"], len(doc["skipped"]))
+    if shard is None:
+        summary = gather(features, Path(out_dir))
+        log.info("feature store: %d clips (%.2f h), %d skipped %s", summary["featurized"],
+                 summary["hours"], summary["skipped"], summary["skipped_by_reason"])

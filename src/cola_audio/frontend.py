@@ -1,0 +1,97 @@
+"""The official COLA log-mel front-end, as pure functions of a waveform.
+
+google-research `cola/data.py` computes `tf.signal.stft` (periodic Hann on 400 samples, frames
+zero-padded at their end to 1024, no centring), magnitudes, a mel matrix built by
+`tf.signal.linear_to_mel_weight_matrix` (HTK mel, triangles linear in mel, no area normalisation,
+DC excluded) and `log(max(mel, 1e-5))`. librosa computes the STFT; its frames put the window in the
+middle of the FFT frame, so the signal is padded by that offset on both sides, which gives TF's frame
+positions and count exactly (magnitudes do not depend on where the window sits in the frame).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import librosa
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FrontEnd:
+    sample_rate: int = 16000
+    frame_length: int = 400
+    frame_step: int = 160
+    fft_length: int = 1024
+    n_mels: int = 64
+    fmin_hz: float = 60.0
+    fmax_hz: float = 7800.0
+    log_floor: float = 1e-5
+    waveform_norm: str = "clip_l2"
+
+    @classmethod
+    def from_params(cls, features: dict[str, Any]) -> FrontEnd:
+        names = ("sample_rate", "frame_length", "frame_step", "fft_length", "n_mels", "fmin_hz",
+                 "fmax_hz", "log_floor", "waveform_norm")
+        return cls(**{name: features[name] for name in names})
+
+    def n_frames(self, n_samples: int) -> int:
+        """Frames TF's stft (pad_end=False) yields for `n_samples` at the front-end's rate."""
+        if n_samples < self.frame_length:
+            return 0
+        return 1 + (n_samples - self.frame_length) // self.frame_step
+
+    @cached_property
+    def mel_matrix(self) -> np.ndarray:
+        """(fft_length // 2 + 1, n_mels) weights, float64, to tf.signal's formula."""
+        n_bins = self.fft_length // 2 + 1
+        hz = np.linspace(0.0, self.sample_rate / 2, n_bins)[1:]  # DC row stays zero
+        # librosa's HTK mel is 2595·log10(1 + f/700) = 1127·ln(1 + f/700) up to a constant factor,
+        # which cancels in the slopes below, so the triangles are exactly TF's.
+        bins_mel = librosa.hz_to_mel(hz, htk=True)[:, None]
+        edges = np.linspace(
+            librosa.hz_to_mel(self.fmin_hz, htk=True),
+            librosa.hz_to_mel(self.fmax_hz, htk=True),
+            self.n_mels + 2,
+        )
+        lower, center, upper = edges[:-2], edges[1:-1], edges[2:]
+        rising = (bins_mel - lower) / (center - lower)
+        falling = (upper - bins_mel) / (upper - center)
+        weights = np.maximum(0.0, np.minimum(rising, falling))
+        return np.vstack([np.zeros((1, self.n_mels)), weights])
+
+    def magnitude(self, wave: np.ndarray) -> np.ndarray:
+        """|STFT| as (frames, fft_length // 2 + 1), frames placed exactly as tf.signal.stft."""
+        offset = (self.fft_length - self.frame_length) // 2
+        tail = self.fft_length - self.frame_length - offset
+        padded = np.pad(wave, (offset, tail))
+        spec = librosa.stft(
+            padded, n_fft=self.fft_length, hop_length=self.frame_step,
+            win_length=self.frame_length, window="hann", center=False,
+        )
+        return np.abs(spec).T
+
+    def normalise(self, wave: np.ndarray) -> np.ndarray:
+        """The official clip-level L2 normalisation (or none)."""
+        if self.waveform_norm == "none":
+            return wave
+        norm = float(np.linalg.norm(wave.astype(np.float64)))
+        return wave / max(norm, 1e-9)
+
+    def log_mel(self, wave: np.ndarray) -> np.ndarray:
+        """(frames, n_mels) float32 natural-log mel magnitudes of a mono waveform at sample_rate."""
+        wave = np.asarray(wave, dtype=np.float32)
+        if wave.ndim != 1:
+            raise ValueError(f"expected a mono waveform, got shape {wave.shape}")
+        if self.n_frames(len(wave)) == 0:
+            return np.zeros((0, self.n_mels), dtype=np.float32)
+        mel = self.magnitude(wave) @ self.mel_matrix
+        return np.log(np.clip(mel, self.log_floor, 1e8)).astype(np.float32)
+
+    def features(self, wave: np.ndarray, sample_rate: int) -> np.ndarray:
+        """Mono waveform at any rate → resampled, normalised, log-mel features."""
+        if sample_rate != self.sample_rate:
+            wave = librosa.resample(wave, orig_sr=sample_rate, target_sr=self.sample_rate,
+                                    res_type="soxr_hq")
+        return self.log_mel(self.normalise(np.asarray(wave, dtype=np.float32)))

@@ -1,0 +1,113 @@
+"""Load params.yaml and validate it against the schema Snakemake also uses.
+
+One schema file (workflow/schemas/params.schema.yaml) is the single definition of what a valid
+configuration is; a bad value stops a stage before any work with the key, the value and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_NAME = "params.schema.yaml"
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message says which key and how to fix."""
+
+
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "workflow" / "schemas"
+
+
+def load_schema(name: str = SCHEMA_NAME) -> dict[str, Any]:
+    """A schema from workflow/schemas/ (the package is installed editable from the repository)."""
+    path = SCHEMA_DIR / name
+    if not path.is_file():
+        raise ParamsError(f"{path}: schema missing; install the package with `pip install -e .`")
+    return yaml.safe_load(path.read_text())
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    allowed = error.schema.get("description") if isinstance(error.schema, dict) else None
+    if error.validator == "enum":
+        allowed = "one of " + ", ".join(map(str, error.validator_value))
+    elif error.validator in ("additionalProperties", "unevaluatedProperties"):
+        known = sorted((error.schema.get("properties") or {}).keys())
+        if not known and error.validator == "unevaluatedProperties":
+            known = sorted(_allof_keys(error.schema))
+        allowed = "known keys: " + ", ".join(known) if known else None
+    value = error.instance if not isinstance(error.instance, dict) else "{...}"
+    msg = f"{key} = {value!r} is invalid: {error.message}"
+    if allowed:
+        msg += f" (allowed: {allowed})"
+    return msg
+
+
+def _allof_keys(schema: dict[str, Any]) -> set[str]:
+    keys: set[str] = set()
+    for part in schema.get("allOf", []):
+        if "$ref" in part:
+            name = part["$ref"].rsplit("/", 1)[-1]
+            part = load_schema()["$defs"][name]
+        keys |= set(part.get("properties", {}))
+    return keys
+
+
+def validate(params: dict[str, Any], source: str = "params.yaml") -> dict[str, Any]:
+    """Raise ParamsError listing every violation; return params unchanged when valid."""
+    schema = load_schema()
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = sorted(validator.iter_errors(params), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        lines = "\n".join(f"  - {_describe(e)}" for e in errors)
+        raise ParamsError(f"{source}: invalid parameters:\n{lines}\nFix the values in {source}.")
+    _check_cross_field(params, source)
+    return params
+
+
+def _check_cross_field(params: dict[str, Any], source: str) -> None:
+    feats = params["features"]
+    problems = []
+    if feats["fmax_hz"] > feats["sample_rate"] / 2:
+        problems.append(
+            f"features.fmax_hz = {feats['fmax_hz']} exceeds the Nyquist frequency "
+            f"{feats['sample_rate'] / 2} of features.sample_rate"
+        )
+    if feats["fmin_hz"] >= feats["fmax_hz"]:
+        problems.append(f"features.fmin_hz = {feats['fmin_hz']} must be below fmax_hz")
+    if feats["fft_length"] < feats["frame_length"]:
+        problems.append(
+            f"features.fft_length = {feats['fft_length']} must be ≥ frame_length "
+            f"{feats['frame_length']}"
+        )
+    lo, hi = params["data"]["synthetic"]["clip_seconds"]
+    if lo > hi:
+        problems.append(f"data.synthetic.clip_seconds = {[lo, hi]} must be [shortest, longest]")
+    order = {"small": 0, "medium": 1, "large": 2}
+    data = params["data"]
+    if order[data["pretrain_subset"]] < order[data["finetune_subset"]]:
+        problems.append(
+            f"data.pretrain_subset = {data['pretrain_subset']!r} is smaller than finetune_subset "
+            f"{data['finetune_subset']!r}; pretraining needs the larger subset"
+        )
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise ParamsError(f"{source}: invalid parameters:\n{lines}\nFix the values in {source}.")
+
+
+def load(path: str | Path = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found. Run from the repository root or pass --params PATH.")
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(params, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
+    return validate(params, str(path))

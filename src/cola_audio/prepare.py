@@ -1,0 +1,109 @@
+"""`cola prepare`: metadata JSON under data/meta/ from the release's tracks.csv.
+
+Fixes the seed repository's flaws at the source: labels come from sorted genre names (the same ids on
+every run and machine), the split is the official `set.split` (artist-filtered), and the pretraining
+set leaves out the fine-tuning subset's validation and test audio.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pandas as pd
+
+from cola_audio import fma, fsutil
+from cola_audio.params import load_schema
+
+log = logging.getLogger(__name__)
+META_SCHEMA = "meta.schema.yaml"
+
+
+def in_subset(tracks: pd.DataFrame, subset: str) -> pd.Series:
+    """Tracks held by fma_<subset>: their smallest subset is at most `subset`."""
+    return tracks[("set", "subset")] <= subset
+
+
+def label_map(genres: pd.Series) -> dict[str, int]:
+    """Sorted genre names → 0..n-1: stable across runs, machines and row orders."""
+    return {name: i for i, name in enumerate(sorted(set(genres)))}
+
+
+def build(tracks: pd.DataFrame, data: dict[str, Any], exclude_eval_from_pretrain: bool
+          ) -> dict[str, Any]:
+    """Pure: the three metadata documents from a parsed tracks table."""
+    root = Path(data["root"])
+    ft_subset, pt_subset = data["finetune_subset"], data["pretrain_subset"]
+    ft = tracks[in_subset(tracks, ft_subset)]
+    unlabelled = ft[ft[("track", "genre_top")] == ""]
+    ft = ft[ft[("track", "genre_top")] != ""]
+    labels = label_map(ft[("track", "genre_top")])
+    bad_split = sorted(set(ft[("set", "split")]) - set(fma.SPLITS))
+    if bad_split:
+        raise ValueError(f"tracks.csv: unknown set.split values {bad_split}; expected "
+                         f"{sorted(fma.SPLITS)}")
+    finetune = [
+        {
+            "track_id": int(tid),
+            "genre": row[("track", "genre_top")],
+            "label": labels[row[("track", "genre_top")]],
+            "split": fma.SPLITS[row[("set", "split")]],
+            "audio": (root / f"fma_{ft_subset}" / fma.audio_relpath(tid)).as_posix(),
+        }
+        for tid, row in ft.sort_index().iterrows()
+    ]
+    held_out = {t["track_id"] for t in finetune if t["split"] != "train"}
+    pt = tracks[in_subset(tracks, pt_subset)].sort_index()
+    pretrain = [
+        {"track_id": int(tid),
+         "audio": (root / f"fma_{pt_subset}" / fma.audio_relpath(tid)).as_posix()}
+        for tid in pt.index
+        if not (exclude_eval_from_pretrain and int(tid) in held_out)
+    ]
+    split_counts = {s: sum(t["split"] == s for t in finetune) for s in ("train", "val", "test")}
+    return {
+        "labels": {"subset": ft_subset, "genres": list(labels), "ids": labels},
+        "finetune": {
+            "subset": ft_subset,
+            "n_classes": len(labels),
+            "split_counts": split_counts,
+            "dropped_without_genre_top": [int(t) for t in unlabelled.index],
+            "tracks": finetune,
+        },
+        "pretrain": {
+            "subset": pt_subset,
+            "excluded_eval_tracks": len(held_out) if exclude_eval_from_pretrain else 0,
+            "tracks": pretrain,
+        },
+    }
+
+
+def validate_meta(docs: dict[str, Any]) -> None:
+    schema = load_schema(META_SCHEMA)
+    for name, doc in docs.items():
+        sub = {"$defs": schema["$defs"], **schema["properties"][name]}
+        try:
+            jsonschema.validate(doc, sub)
+        except jsonschema.ValidationError as exc:
+            where = ".".join(map(str, exc.absolute_path))
+            raise ValueError(f"data/meta/{name}.json would be invalid at {where}: {exc.message}"
+                             ) from exc
+
+
+def run(params: dict[str, Any], out_dir: str | Path = "data/meta") -> dict[str, Any]:
+    data = params["data"]
+    meta = Path(data["root"]) / "fma_metadata"
+    tracks = fma.read_tracks(meta / "tracks.csv")
+    fma.read_genres(meta / "genres.csv")  # fail early on a wrong or missing genre table
+    docs = build(tracks, data, params["prepare"]["exclude_eval_from_pretrain"])
+    validate_meta(docs)
+    for name, doc in docs.items():
+        fsutil.write_json(Path(out_dir) / f"{name}.json", doc)
+    ft = docs["finetune"]
+    log.info("fine-tuning set: %d tracks, %d genres, split %s; pretraining set: %d tracks "
+             "(%d validation/test tracks excluded)", len(ft["tracks"]), ft["n_classes"],
+             ft["split_counts"], len(docs["pretrain"]["tracks"]),
+             docs["pretrain"]["excluded_eval_tracks"])
+    return docs

@@ -1,0 +1,69 @@
+"""Read the feature store: memory-mapped shards, so a crop reads only its own frames."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cola_audio import fsutil
+from cola_audio.featurize import shard_paths
+
+
+class FeatureStore:
+    """Index plus lazily opened memory maps (opened per process, so it survives worker forks)."""
+
+    def __init__(self, root: str | Path = "data/features") -> None:
+        self.root = Path(root)
+        index_path = self.root / "index.csv"
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{index_path}: missing; run `cola featurize` first")
+        index = pd.read_csv(index_path)
+        self.track_ids = index["track_id"].to_numpy(np.int64)
+        self.shards = index["shard"].to_numpy(np.int64)
+        self.offsets = index["offset"].to_numpy(np.int64)
+        self.lengths = index["frames"].to_numpy(np.int64)
+        self._row = {int(t): i for i, t in enumerate(self.track_ids)}
+        self._maps: dict[int, np.ndarray] = {}
+        summary = fsutil.read_json(self.root / "summary.json")
+        self.n_mels = int(summary["frontend"]["n_mels"])
+        # Padding is silence: the log of the front-end's floor, not log(1) = 0.
+        self.pad_value = float(np.log(summary["frontend"]["log_floor"]))
+
+    def __contains__(self, track_id: int) -> bool:
+        return int(track_id) in self._row
+
+    def __len__(self) -> int:
+        return len(self.track_ids)
+
+    def _map(self, shard: int) -> np.ndarray:
+        if shard not in self._maps:
+            self._maps[shard] = np.load(shard_paths(self.root, shard)[0], mmap_mode="r")
+        return self._maps[shard]
+
+    def locate(self, track_id: int) -> tuple[int, int, int]:
+        """(shard, offset, frames) of a track; KeyError names the track if it was skipped."""
+        try:
+            i = self._row[int(track_id)]
+        except KeyError:
+            raise KeyError(f"track {track_id} is not in {self.root} (skipped or not listed; "
+                           "see skipped.csv)") from None
+        return int(self.shards[i]), int(self.offsets[i]), int(self.lengths[i])
+
+    def frames(self, track_id: int) -> int:
+        return self.locate(track_id)[2]
+
+    def clip(self, track_id: int) -> np.ndarray:
+        """All frames of a track, as a read-only float16 view."""
+        shard, offset, frames = self.locate(track_id)
+        return self._map(shard)[offset : offset + frames]
+
+    def crop(self, track_id: int, start: int, length: int) -> np.ndarray:
+        """`length` frames from `start` as float32, zero-padded at the end if the clip is short."""
+        shard, offset, frames = self.locate(track_id)
+        start = max(0, min(start, frames - 1))
+        stop = min(frames, start + length)
+        out = np.full((length, self.n_mels), self.pad_value, dtype=np.float32)
+        out[: stop - start] = self._map(shard)[offset + start : offset + stop]
+        return out
