@@ -1,4 +1,4 @@
-"""`cola <stage>`: one subcommand per pipeline stage; Snakemake rules and DVC stages call only these."""
+"""`cola <stage>`: one subcommand per pipeline stage; Snakemake and DVC call only these."""
 
 from __future__ import annotations
 
@@ -28,8 +28,14 @@ def _prepare(args: argparse.Namespace, params: dict) -> None:
 def _featurize(args: argparse.Namespace, params: dict) -> None:
     from cola_audio import featurize
 
-    featurize.run(params, shard=args.shard, do_gather=args.gather, workers=args.workers,
-                  meta_dir=args.meta, out_dir=args.out)
+    featurize.run(
+        params,
+        shard=args.shard,
+        do_gather=args.gather,
+        workers=args.workers,
+        meta_dir=args.meta,
+        out_dir=args.out,
+    )
 
 
 def _pretrain(args: argparse.Namespace, params: dict) -> None:
@@ -41,8 +47,14 @@ def _pretrain(args: argparse.Namespace, params: dict) -> None:
 def _finetune(args: argparse.Namespace, params: dict) -> None:
     from cola_audio import finetune
 
-    finetune.run(params, run_name=args.run, features=args.features, meta_dir=args.meta,
-                 encoder=args.encoder, out_dir=args.out)
+    finetune.run(
+        params,
+        run_name=args.run,
+        features=args.features,
+        meta_dir=args.meta,
+        encoder=args.encoder,
+        out_dir=args.out,
+    )
 
 
 def _report(args: argparse.Namespace, params: dict) -> None:
@@ -53,8 +65,12 @@ def _report(args: argparse.Namespace, params: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cola", description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
-                        help="parameter file (default: params.yaml)")
+    parser.add_argument(
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        help="parameter file (default: params.yaml)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
@@ -96,8 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         params = params_mod.load(args.params)
         args.func(args, params)

@@ -1,9 +1,10 @@
 """`cola download`: put the FMA release (real or embedded) under data.root in the release's layout.
 
 Real archives are large (up to 93 GiB) and the server is far away, so a transfer resumes with HTTP
-Range after an interruption, retries with backoff, and is only renamed to its final name once its SHA1
-matches the official sum. Extraction refuses members that would escape the target folder and checks
-every file against the archive's own `checksums` file before the folder appears under its final name.
+Range after an interruption, retries with backoff, and only gets its final name once its SHA1
+matches the official sum. Extraction refuses members that would escape the target folder and
+checks every file against the archive's own `checksums` file before the folder appears under its
+final name.
 """
 
 from __future__ import annotations
@@ -76,8 +77,14 @@ def _transfer(url: str, part: Path, timeout_s: float) -> None:
             raise http.client.IncompleteRead(b"", int(expected) - received)
 
 
-def fetch(url: str, dest: Path, sha1: str, retries: int = 5, backoff_s: float = 2.0,
-          timeout_s: float = 60.0) -> Path:
+def fetch(
+    url: str,
+    dest: Path,
+    sha1: str,
+    retries: int = 5,
+    backoff_s: float = 2.0,
+    timeout_s: float = 60.0,
+) -> Path:
     """Download `url` to `dest`, verified. Partial bytes live in `dest.part` until verified."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -107,8 +114,9 @@ def fetch(url: str, dest: Path, sha1: str, retries: int = 5, backoff_s: float = 
                 f"kept in {part}; rerun `cola download` to resume it."
             ) from error
         wait = backoff_s * 2**attempt
-        log.warning("%s: %s; retrying in %.1f s (attempt %d/%d)", url, error, wait, attempt + 1,
-                    retries)
+        log.warning(
+            "%s: %s; retrying in %.1f s (attempt %d/%d)", url, error, wait, attempt + 1, retries
+        )
         time.sleep(wait)
     got = sha1_file(part)
     if got != sha1:
@@ -138,8 +146,8 @@ def extract(archive: Path, root: Path) -> Path:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as exc:
         raise DownloadError(
-            f"{archive}: not a readable zip ({exc}); it is truncated or corrupt. Delete it and rerun "
-            "`cola download`."
+            f"{archive}: not a readable zip ({exc}); it is truncated or corrupt. Delete it "
+            "and rerun `cola download`."
         ) from exc
     with zf:
         members = [m for m in zf.infolist() if not m.is_dir()]
@@ -160,8 +168,8 @@ def extract(archive: Path, root: Path) -> Path:
         except (zipfile.BadZipFile, EOFError, OSError, zipfile.LargeZipFile) as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise DownloadError(
-                f"{archive}: extraction failed ({exc}); the archive is truncated or corrupt. Delete "
-                "it and rerun `cola download`."
+                f"{archive}: extraction failed ({exc}); the archive is truncated or corrupt. "
+                "Delete it and rerun `cola download`."
             ) from exc
     verify_folder(staging, label=f"{archive}")
     final = root / top
@@ -188,16 +196,19 @@ def verify_folder(folder: Path, label: str | None = None) -> int:
     if bad:
         shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
         raise ChecksumError(
-            f"{label}: {len(bad)} file(s) fail the archive's checksums: {shown}. Delete the archive "
-            "and download it again."
+            f"{label}: {len(bad)} file(s) fail the archive's checksums: {shown}. Delete the "
+            "archive and download it again."
         )
     return len(sums)
 
 
 def archive_names(data: dict[str, Any]) -> list[str]:
     """Metadata plus the fine-tuning and pretraining audio archives, without duplicates."""
-    names = ["fma_metadata.zip", f"fma_{data['finetune_subset']}.zip",
-             f"fma_{data['pretrain_subset']}.zip"]
+    names = [
+        "fma_metadata.zip",
+        f"fma_{data['finetune_subset']}.zip",
+        f"fma_{data['pretrain_subset']}.zip",
+    ]
     return list(dict.fromkeys(names))
 
 
@@ -209,8 +220,14 @@ def download_fma(data: dict[str, Any]) -> list[Path]:
         if name not in cfg["sha1"]:
             raise DownloadError(f"data.fma.sha1 has no entry for {name}; add its official SHA1")
         url = cfg["base_url"].rstrip("/") + "/" + name
-        archive = fetch(url, root / "archives" / name, cfg["sha1"][name], cfg["retries"],
-                        cfg["backoff_s"], cfg["timeout_s"])
+        archive = fetch(
+            url,
+            root / "archives" / name,
+            cfg["sha1"][name],
+            cfg["retries"],
+            cfg["backoff_s"],
+            cfg["timeout_s"],
+        )
         folders.append(extract(archive, root))
     return folders
 

@@ -65,8 +65,10 @@ def check_audio(path: Path, features: dict[str, Any]) -> tuple[np.ndarray, int] 
     if len(wave) == 0:
         return "no audio frames (tags only?)"
     if header_frames > 0 and len(wave) < features["min_decoded_fraction"] * header_frames:
-        return (f"truncated stream: decoded {len(wave)} of {header_frames} frames the header "
-                f"announces ({len(wave) / header_frames:.0%})")
+        return (
+            f"truncated stream: decoded {len(wave)} of {header_frames} frames the header "
+            f"announces ({len(wave) / header_frames:.0%})"
+        )
     seconds = len(wave) / sr
     if seconds < features["min_seconds"]:
         return f"too short: {seconds:.2f} s < features.min_seconds {features['min_seconds']}"
@@ -112,8 +114,9 @@ def _workers(requested: int) -> int:
     return requested or len(os.sched_getaffinity(0))
 
 
-def featurize_shard(tracks: dict[int, str], shard: int, features: dict[str, Any],
-                    out_dir: Path, workers: int = 0) -> dict[str, Any]:
+def featurize_shard(
+    tracks: dict[int, str], shard: int, features: dict[str, Any], out_dir: Path, workers: int = 0
+) -> dict[str, Any]:
     """Write one shard (.npy of frames, then its .json index); return the index document."""
     n_shards = features["n_shards"]
     mine = [(tid, path) for tid, path in sorted(tracks.items()) if tid % n_shards == shard]
@@ -128,11 +131,13 @@ def featurize_shard(tracks: dict[int, str], shard: int, features: dict[str, Any]
     with tempfile.TemporaryFile(dir=npy_path.parent, prefix=".raw-") as raw:
         pool = ProcessPoolExecutor(n_workers) if n_workers > 1 else None
         try:
-            results = pool.map(_featurize_star, jobs, chunksize=4) if pool else map(
-                _featurize_star, jobs)
+            results = (
+                pool.map(_featurize_star, jobs, chunksize=4) if pool else map(_featurize_star, jobs)
+            )
             desc = f"featurize shard {shard_name(shard)}/{n_shards}"
-            for (tid, path), result in tqdm(zip(mine, results, strict=True), total=len(mine),
-                                            desc=desc, unit="clip"):
+            for (tid, path), result in tqdm(
+                zip(mine, results, strict=True), total=len(mine), desc=desc, unit="clip"
+            ):
                 if result.features is None:
                     skipped.append({"track_id": tid, "audio": path, "reason": result.reason})
                     continue
@@ -144,8 +149,11 @@ def featurize_shard(tracks: dict[int, str], shard: int, features: dict[str, Any]
                 pool.shutdown()
         raw.seek(0)
         with fsutil.atomic_path(npy_path) as npy_tmp, open(npy_tmp, "wb") as out:
-            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(DTYPE)),
-                      "fortran_order": False, "shape": (offset, features["n_mels"])}
+            header = {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(DTYPE)),
+                "fortran_order": False,
+                "shape": (offset, features["n_mels"]),
+            }
             np.lib.format.write_array_header_1_0(out, header)
             shutil.copyfileobj(raw, out, 1 << 22)
     doc = {
@@ -166,16 +174,22 @@ def featurize_shard(tracks: dict[int, str], shard: int, features: dict[str, Any]
 def load_shard_index(out_dir: Path, shard: int, n_shards: int) -> dict[str, Any]:
     npy_path, json_path = shard_paths(out_dir, shard)
     if not json_path.is_file():
-        raise FileNotFoundError(f"{json_path}: shard {shard} is missing or incomplete; run "
-                                f"`cola featurize --shard {shard}`")
+        raise FileNotFoundError(
+            f"{json_path}: shard {shard} is missing or incomplete; run "
+            f"`cola featurize --shard {shard}`"
+        )
     doc = fsutil.read_json(json_path)
     if doc["n_shards"] != n_shards:
-        raise ValueError(f"{json_path}: written for {doc['n_shards']} shards, params say "
-                         f"{n_shards}; rerun `cola featurize`")
+        raise ValueError(
+            f"{json_path}: written for {doc['n_shards']} shards, params say "
+            f"{n_shards}; rerun `cola featurize`"
+        )
     frames = np.load(npy_path, mmap_mode="r").shape[0]
     if frames != doc["total_frames"]:
-        raise ValueError(f"{npy_path}: holds {frames} frames, its index says "
-                         f"{doc['total_frames']}; rerun `cola featurize --shard {shard}`")
+        raise ValueError(
+            f"{npy_path}: holds {frames} frames, its index says "
+            f"{doc['total_frames']}; rerun `cola featurize --shard {shard}`"
+        )
     return doc
 
 
@@ -187,8 +201,9 @@ def gather(features: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     rows = [(t, d["shard"], o, f) for d in docs for t, o, f in d["tracks"]]
     index = pd.DataFrame(rows, columns=["track_id", "shard", "offset", "frames"])
     index = index.sort_values("track_id", kind="stable")
-    skipped = pd.DataFrame([s for d in docs for s in d["skipped"]],
-                           columns=["track_id", "audio", "reason"]).sort_values("track_id")
+    skipped = pd.DataFrame(
+        [s for d in docs for s in d["skipped"]], columns=["track_id", "audio", "reason"]
+    ).sort_values("track_id")
     total = len(index) + len(skipped)
     fraction = len(skipped) / total if total else 1.0
     summary = {
@@ -196,10 +211,13 @@ def gather(features: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         "featurized": len(index),
         "skipped": len(skipped),
         "skipped_fraction": round(fraction, 6),
-        "skipped_by_reason": dict(sorted(Counter(
-            r.split(":")[0] for r in skipped["reason"]).items())),
-        "hours": round(float(index["frames"].sum()) * features["frame_step"]
-                       / features["sample_rate"] / 3600, 4),
+        "skipped_by_reason": dict(
+            sorted(Counter(r.split(":")[0] for r in skipped["reason"]).items())
+        ),
+        "hours": round(
+            float(index["frames"].sum()) * features["frame_step"] / features["sample_rate"] / 3600,
+            4,
+        ),
         "n_shards": n_shards,
         "frontend": dataclasses.asdict(FrontEnd.from_params(features)),
     }
@@ -220,23 +238,40 @@ def gather(features: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def run(params: dict[str, Any], shard: int | None = None, do_gather: bool = False,
-        workers: int | None = None, meta_dir: Path = Path("data/meta"),
-        out_dir: Path = Path("data/features")) -> None:
+def run(
+    params: dict[str, Any],
+    shard: int | None = None,
+    do_gather: bool = False,
+    workers: int | None = None,
+    meta_dir: Path = Path("data/meta"),
+    out_dir: Path = Path("data/features"),
+) -> None:
     """One shard (`--shard K`), the gather step (`--gather`), or everything (neither)."""
     features = params["features"]
     n_workers = features["workers"] if workers is None else workers
     if shard is not None and not 0 <= shard < features["n_shards"]:
-        raise ValueError(f"--shard {shard} is out of range: features.n_shards = "
-                         f"{features['n_shards']} allows 0..{features['n_shards'] - 1}")
+        raise ValueError(
+            f"--shard {shard} is out of range: features.n_shards = "
+            f"{features['n_shards']} allows 0..{features['n_shards'] - 1}"
+        )
     shards = [shard] if shard is not None else ([] if do_gather else range(features["n_shards"]))
     if shards:
         tracks = tracks_to_featurize(Path(meta_dir))
         for k in shards:
             doc = featurize_shard(tracks, k, features, Path(out_dir), n_workers)
-            log.info("shard %s: %d clips, %d frames, %d skipped", shard_name(k), len(doc["tracks"]),
-                     doc["total_frames"], len(doc["skipped"]))
+            log.info(
+                "shard %s: %d clips, %d frames, %d skipped",
+                shard_name(k),
+                len(doc["tracks"]),
+                doc["total_frames"],
+                len(doc["skipped"]),
+            )
     if shard is None:
         summary = gather(features, Path(out_dir))
-        log.info("feature store: %d clips (%.2f h), %d skipped %s", summary["featurized"],
-                 summary["hours"], summary["skipped"], summary["skipped_by_reason"])
+        log.info(
+            "feature store: %d clips (%.2f h), %d skipped %s",
+            summary["featurized"],
+            summary["hours"],
+            summary["skipped"],
+            summary["skipped_by_reason"],
+        )

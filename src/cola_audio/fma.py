@@ -28,8 +28,13 @@ def read_tracks(path: str | Path) -> pd.DataFrame:
         tracks = pd.read_csv(path, index_col=0, header=[0, 1], low_memory=False)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: missing; run `cola download` first") from None
-    needed = [("set", "split"), ("set", "subset"), ("track", "genre_top"), ("track", "genres"),
-              ("track", "genres_all")]
+    needed = [
+        ("set", "split"),
+        ("set", "subset"),
+        ("track", "genre_top"),
+        ("track", "genres"),
+        ("track", "genres_all"),
+    ]
     missing = [".".join(c) for c in needed if c not in tracks.columns]
     if missing or tracks.index.name != "track_id":
         raise ValueError(

@@ -2,10 +2,11 @@
 
 google-research `cola/data.py` computes `tf.signal.stft` (periodic Hann on 400 samples, frames
 zero-padded at their end to 1024, no centring), magnitudes, a mel matrix built by
-`tf.signal.linear_to_mel_weight_matrix` (HTK mel, triangles linear in mel, no area normalisation,
-DC excluded) and `log(max(mel, 1e-5))`. librosa computes the STFT; its frames put the window in the
-middle of the FFT frame, so the signal is padded by that offset on both sides, which gives TF's frame
-positions and count exactly (magnitudes do not depend on where the window sits in the frame).
+`tf.signal.linear_to_mel_weight_matrix` (HTK mel, triangles linear in mel, no area
+normalisation, DC excluded) and `log(max(mel, 1e-5))`. librosa computes the STFT; its frames put
+the window in the middle of the FFT frame, so the signal is padded by that offset on both sides,
+which gives TF's frame positions and count exactly (magnitudes do not depend on where the window
+sits in the frame).
 """
 
 from __future__ import annotations
@@ -32,8 +33,17 @@ class FrontEnd:
 
     @classmethod
     def from_params(cls, features: dict[str, Any]) -> FrontEnd:
-        names = ("sample_rate", "frame_length", "frame_step", "fft_length", "n_mels", "fmin_hz",
-                 "fmax_hz", "log_floor", "waveform_norm")
+        names = (
+            "sample_rate",
+            "frame_length",
+            "frame_step",
+            "fft_length",
+            "n_mels",
+            "fmin_hz",
+            "fmax_hz",
+            "log_floor",
+            "waveform_norm",
+        )
         return cls(**{name: features[name] for name in names})
 
     def n_frames(self, n_samples: int) -> int:
@@ -67,8 +77,12 @@ class FrontEnd:
         tail = self.fft_length - self.frame_length - offset
         padded = np.pad(wave, (offset, tail))
         spec = librosa.stft(
-            padded, n_fft=self.fft_length, hop_length=self.frame_step,
-            win_length=self.frame_length, window="hann", center=False,
+            padded,
+            n_fft=self.fft_length,
+            hop_length=self.frame_step,
+            win_length=self.frame_length,
+            window="hann",
+            center=False,
         )
         return np.abs(spec).T
 
@@ -92,6 +106,7 @@ class FrontEnd:
     def features(self, wave: np.ndarray, sample_rate: int) -> np.ndarray:
         """Mono waveform at any rate → resampled, normalised, log-mel features."""
         if sample_rate != self.sample_rate:
-            wave = librosa.resample(wave, orig_sr=sample_rate, target_sr=self.sample_rate,
-                                    res_type="soxr_hq")
+            wave = librosa.resample(
+                wave, orig_sr=sample_rate, target_sr=self.sample_rate, res_type="soxr_hq"
+            )
         return self.log_mel(self.normalise(np.asarray(wave, dtype=np.float32)))

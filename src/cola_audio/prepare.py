@@ -1,8 +1,8 @@
 """`cola prepare`: metadata JSON under data/meta/ from the release's tracks.csv.
 
-Fixes the seed repository's flaws at the source: labels come from sorted genre names (the same ids on
-every run and machine), the split is the official `set.split` (artist-filtered), and the pretraining
-set leaves out the fine-tuning subset's validation and test audio.
+Fixes the seed repository's flaws at the source: labels come from sorted genre names (the same
+ids on every run and machine), the split is the official `set.split` (artist-filtered), and the
+pretraining set leaves out the fine-tuning subset's validation and test audio.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ def label_map(genres: pd.Series) -> dict[str, int]:
     return {name: i for i, name in enumerate(sorted(set(genres)))}
 
 
-def build(tracks: pd.DataFrame, data: dict[str, Any], exclude_eval_from_pretrain: bool
-          ) -> dict[str, Any]:
+def build(
+    tracks: pd.DataFrame, data: dict[str, Any], exclude_eval_from_pretrain: bool
+) -> dict[str, Any]:
     """Pure: the three metadata documents from a parsed tracks table."""
     root = Path(data["root"])
     ft_subset, pt_subset = data["finetune_subset"], data["pretrain_subset"]
@@ -42,8 +43,9 @@ def build(tracks: pd.DataFrame, data: dict[str, Any], exclude_eval_from_pretrain
     labels = label_map(ft[("track", "genre_top")])
     bad_split = sorted(set(ft[("set", "split")]) - set(fma.SPLITS))
     if bad_split:
-        raise ValueError(f"tracks.csv: unknown set.split values {bad_split}; expected "
-                         f"{sorted(fma.SPLITS)}")
+        raise ValueError(
+            f"tracks.csv: unknown set.split values {bad_split}; expected {sorted(fma.SPLITS)}"
+        )
     finetune = [
         {
             "track_id": int(tid),
@@ -57,8 +59,10 @@ def build(tracks: pd.DataFrame, data: dict[str, Any], exclude_eval_from_pretrain
     held_out = {t["track_id"] for t in finetune if t["split"] != "train"}
     pt = tracks[in_subset(tracks, pt_subset)].sort_index()
     pretrain = [
-        {"track_id": int(tid),
-         "audio": (root / f"fma_{pt_subset}" / fma.audio_relpath(tid)).as_posix()}
+        {
+            "track_id": int(tid),
+            "audio": (root / f"fma_{pt_subset}" / fma.audio_relpath(tid)).as_posix(),
+        }
         for tid in pt.index
         if not (exclude_eval_from_pretrain and int(tid) in held_out)
     ]
@@ -88,8 +92,9 @@ def validate_meta(docs: dict[str, Any]) -> None:
             jsonschema.validate(doc, sub)
         except jsonschema.ValidationError as exc:
             where = ".".join(map(str, exc.absolute_path))
-            raise ValueError(f"data/meta/{name}.json would be invalid at {where}: {exc.message}"
-                             ) from exc
+            raise ValueError(
+                f"data/meta/{name}.json would be invalid at {where}: {exc.message}"
+            ) from exc
 
 
 def run(params: dict[str, Any], out_dir: str | Path = "data/meta") -> dict[str, Any]:
@@ -102,8 +107,13 @@ def run(params: dict[str, Any], out_dir: str | Path = "data/meta") -> dict[str, 
     for name, doc in docs.items():
         fsutil.write_json(Path(out_dir) / f"{name}.json", doc)
     ft = docs["finetune"]
-    log.info("fine-tuning set: %d tracks, %d genres, split %s; pretraining set: %d tracks "
-             "(%d validation/test tracks excluded)", len(ft["tracks"]), ft["n_classes"],
-             ft["split_counts"], len(docs["pretrain"]["tracks"]),
-             docs["pretrain"]["excluded_eval_tracks"])
+    log.info(
+        "fine-tuning set: %d tracks, %d genres, split %s; pretraining set: %d tracks "
+        "(%d validation/test tracks excluded)",
+        len(ft["tracks"]),
+        ft["n_classes"],
+        ft["split_counts"],
+        len(docs["pretrain"]["tracks"]),
+        docs["pretrain"]["excluded_eval_tracks"],
+    )
     return docs

@@ -47,8 +47,9 @@ class FeatureStore:
         try:
             i = self._row[int(track_id)]
         except KeyError:
-            raise KeyError(f"track {track_id} is not in {self.root} (skipped or not listed; "
-                           "see skipped.csv)") from None
+            raise KeyError(
+                f"track {track_id} is not in {self.root} (skipped or not listed; see skipped.csv)"
+            ) from None
         return int(self.shards[i]), int(self.offsets[i]), int(self.lengths[i])
 
     def frames(self, track_id: int) -> int:

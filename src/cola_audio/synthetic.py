@@ -75,22 +75,118 @@ class Signature:
 
 
 SIGNATURES: dict[str, Signature] = {
-    "Electronic": Signature((118, 134), (45, 60), (0.6, 1.2), 12, (0.08, 0.3), (1.5, 4), 1.0, 0.3,
-                            0.8, (0.0, 0.03), (1.0, 2.0), (0, 3, 5, 7, 10)),
-    "Experimental": Signature((60, 160), (40, 90), (0.3, 2.5), 10, (0.05, 2.0), (0.2, 3), 0.15,
-                              0.3, 0.2, (0.05, 0.3), (1.0, 5.0), (0, 1, 6, 7, 11)),
-    "Folk": Signature((80, 112), (52, 67), (1.4, 2.2), 8, (0.4, 1.2), (1, 2), 0.0, 0.0, 0.1,
-                      (0.0, 0.02), (1.0, 1.2), (0, 2, 4, 7, 9)),
-    "Hip-Hop": Signature((82, 98), (36, 50), (1.2, 2.0), 8, (0.2, 0.6), (0.5, 1.5), 1.2, 0.9,
-                         0.5, (0.0, 0.04), (1.0, 1.8), (0, 3, 5, 7, 10)),
-    "Instrumental": Signature((60, 90), (48, 72), (1.8, 2.8), 6, (1.0, 3.0), (0.25, 1), 0.0, 0.0,
-                              0.0, (0.0, 0.02), (1.0, 1.1), (0, 2, 4, 5, 7, 9, 11)),
-    "International": Signature((96, 126), (55, 70), (1.0, 1.6), 10, (0.15, 0.5), (2, 4), 0.4,
-                               0.0, 0.6, (0.0, 0.03), (1.0, 1.5), (0, 1, 4, 5, 7, 8, 10)),
-    "Pop": Signature((100, 122), (58, 74), (1.0, 1.6), 10, (0.2, 0.6), (1, 2), 0.8, 0.7, 0.5,
-                     (0.0, 0.03), (1.0, 1.5), (0, 2, 4, 5, 7, 9, 11)),
-    "Rock": Signature((110, 150), (40, 57), (0.4, 1.0), 14, (0.15, 0.5), (1, 2), 0.9, 0.9, 0.7,
-                      (0.03, 0.12), (3.0, 8.0), (0, 3, 5, 7, 10)),
+    "Electronic": Signature(
+        (118, 134),
+        (45, 60),
+        (0.6, 1.2),
+        12,
+        (0.08, 0.3),
+        (1.5, 4),
+        1.0,
+        0.3,
+        0.8,
+        (0.0, 0.03),
+        (1.0, 2.0),
+        (0, 3, 5, 7, 10),
+    ),
+    "Experimental": Signature(
+        (60, 160),
+        (40, 90),
+        (0.3, 2.5),
+        10,
+        (0.05, 2.0),
+        (0.2, 3),
+        0.15,
+        0.3,
+        0.2,
+        (0.05, 0.3),
+        (1.0, 5.0),
+        (0, 1, 6, 7, 11),
+    ),
+    "Folk": Signature(
+        (80, 112),
+        (52, 67),
+        (1.4, 2.2),
+        8,
+        (0.4, 1.2),
+        (1, 2),
+        0.0,
+        0.0,
+        0.1,
+        (0.0, 0.02),
+        (1.0, 1.2),
+        (0, 2, 4, 7, 9),
+    ),
+    "Hip-Hop": Signature(
+        (82, 98),
+        (36, 50),
+        (1.2, 2.0),
+        8,
+        (0.2, 0.6),
+        (0.5, 1.5),
+        1.2,
+        0.9,
+        0.5,
+        (0.0, 0.04),
+        (1.0, 1.8),
+        (0, 3, 5, 7, 10),
+    ),
+    "Instrumental": Signature(
+        (60, 90),
+        (48, 72),
+        (1.8, 2.8),
+        6,
+        (1.0, 3.0),
+        (0.25, 1),
+        0.0,
+        0.0,
+        0.0,
+        (0.0, 0.02),
+        (1.0, 1.1),
+        (0, 2, 4, 5, 7, 9, 11),
+    ),
+    "International": Signature(
+        (96, 126),
+        (55, 70),
+        (1.0, 1.6),
+        10,
+        (0.15, 0.5),
+        (2, 4),
+        0.4,
+        0.0,
+        0.6,
+        (0.0, 0.03),
+        (1.0, 1.5),
+        (0, 1, 4, 5, 7, 8, 10),
+    ),
+    "Pop": Signature(
+        (100, 122),
+        (58, 74),
+        (1.0, 1.6),
+        10,
+        (0.2, 0.6),
+        (1, 2),
+        0.8,
+        0.7,
+        0.5,
+        (0.0, 0.03),
+        (1.0, 1.5),
+        (0, 2, 4, 5, 7, 9, 11),
+    ),
+    "Rock": Signature(
+        (110, 150),
+        (40, 57),
+        (0.4, 1.0),
+        14,
+        (0.15, 0.5),
+        (1, 2),
+        0.9,
+        0.9,
+        0.7,
+        (0.03, 0.12),
+        (3.0, 8.0),
+        (0, 3, 5, 7, 10),
+    ),
 }
 GENRE_IDS = {name: gid for gid, name in ROOT_GENRES.items()}
 
@@ -106,7 +202,9 @@ AUDIO_FORMATS = [
 FAULTS = ("empty", "id3_only", "truncated", "too_short")
 
 
-def synth_clip(signature: Signature, seconds: float, sr: int, rng: np.random.Generator) -> np.ndarray:
+def synth_clip(
+    signature: Signature, seconds: float, sr: int, rng: np.random.Generator
+) -> np.ndarray:
     """Render one mono clip of a genre signature at `sr`, peak-normalised to 0.9."""
     n = int(seconds * sr)
     t = np.arange(n) / sr
@@ -239,7 +337,9 @@ def plan_dataset(cfg: dict[str, Any]) -> tuple[pd.DataFrame, list[TrackPlan]]:
     fmt_weights = np.array([f[3] for f in AUDIO_FORMATS])
     rows: list[dict[str, Any]] = []
     plans: list[TrackPlan] = []
-    children = {p: [c for c, (_, parent) in CHILD_GENRES.items() if parent == p] for p in ROOT_GENRES}
+    children = {
+        p: [c for c, (_, parent) in CHILD_GENRES.items() if parent == p] for p in ROOT_GENRES
+    }
     next_id = iter(ids.tolist())
     artist_id = 0
 
@@ -298,10 +398,16 @@ def plan_dataset(cfg: dict[str, Any]) -> tuple[pd.DataFrame, list[TrackPlan]]:
         add(genre, split, subset, artist_id, genre_ids, top)
 
     if cfg["faulty_files"]:
-        small_train = [i for i, r in enumerate(rows) if r[("set", "subset")] == "small"
-                       and r[("set", "split")] == "training"]
-        small_val = [i for i, r in enumerate(rows) if r[("set", "subset")] == "small"
-                     and r[("set", "split")] == "validation"]
+        small_train = [
+            i
+            for i, r in enumerate(rows)
+            if r[("set", "subset")] == "small" and r[("set", "split")] == "training"
+        ]
+        small_val = [
+            i
+            for i, r in enumerate(rows)
+            if r[("set", "subset")] == "small" and r[("set", "split")] == "validation"
+        ]
         large_only = [i for i, r in enumerate(rows) if r[("set", "subset")] != "small"]
         picks = {
             "empty": small_train[0],
@@ -330,12 +436,17 @@ def genres_table(tracks: pd.DataFrame) -> pd.DataFrame:
     for cell in tracks[("track", "genres_all")]:
         for gid in ast.literal_eval(cell):
             counts[gid] = counts.get(gid, 0) + 1
-    rows = [(gid, counts.get(gid, 0), 0, title, gid) for gid, title in
-            {**ROOT_GENRES, **EXTRA_ROOTS}.items()]
-    rows += [(gid, counts.get(gid, 0), parent, title, parent) for gid, (title, parent) in
-             CHILD_GENRES.items()]
-    return pd.DataFrame(rows, columns=["genre_id", "#tracks", "parent", "title", "top_level"]
-                        ).sort_values("genre_id")
+    rows = [
+        (gid, counts.get(gid, 0), 0, title, gid)
+        for gid, title in {**ROOT_GENRES, **EXTRA_ROOTS}.items()
+    ]
+    rows += [
+        (gid, counts.get(gid, 0), parent, title, parent)
+        for gid, (title, parent) in CHILD_GENRES.items()
+    ]
+    return pd.DataFrame(
+        rows, columns=["genre_id", "#tracks", "parent", "title", "top_level"]
+    ).sort_values("genre_id")
 
 
 def sha1_bytes(data: bytes) -> str:
@@ -346,8 +457,9 @@ def _checksums_text(entries: dict[str, str]) -> str:
     return "".join(f"{digest}  {name}\n" for name, digest in sorted(entries.items()))
 
 
-def generate(cfg: dict[str, Any], root: Path, subsets: list[str], workers: int = 0
-             ) -> dict[str, int]:
+def generate(
+    cfg: dict[str, Any], root: Path, subsets: list[str], workers: int = 0
+) -> dict[str, int]:
     """Write metadata and the `fma_<subset>` audio folders under `root`; reruns are byte-identical.
 
     A clip goes into every requested folder whose subset holds it (small ⊂ medium ⊂ large).
@@ -361,8 +473,12 @@ def generate(cfg: dict[str, Any], root: Path, subsets: list[str], workers: int =
     fsutil.write_text(meta_dir / "genres.csv", genres_csv)
     fsutil.write_text(
         meta_dir / "checksums",
-        _checksums_text({"tracks.csv": sha1_bytes(tracks_csv.encode()),
-                         "genres.csv": sha1_bytes(genres_csv.encode())}),
+        _checksums_text(
+            {
+                "tracks.csv": sha1_bytes(tracks_csv.encode()),
+                "genres.csv": sha1_bytes(genres_csv.encode()),
+            }
+        ),
     )
     rank = {name: i for i, name in enumerate(SUBSET_ORDER)}
     track_rank = {int(t): rank[s] for t, s in tracks[("set", "subset")].items()}
@@ -373,8 +489,12 @@ def generate(cfg: dict[str, Any], root: Path, subsets: list[str], workers: int =
     n_workers = workers or None
     with ProcessPoolExecutor(max_workers=n_workers) as pool:
         blobs = pool.map(render_track, plans, chunksize=4)
-        for plan, data in tqdm(zip(plans, blobs, strict=True), total=len(plans),
-                               desc="synthesising FMA clips", unit="clip"):
+        for plan, data in tqdm(
+            zip(plans, blobs, strict=True),
+            total=len(plans),
+            desc="synthesising FMA clips",
+            unit="clip",
+        ):
             rel = audio_relpath(plan.track_id)
             targets = [f for f, r in folders.items() if track_rank[plan.track_id] <= r]
             for sub in targets:  # the same bytes in every folder holding the clip, as released
@@ -382,7 +502,12 @@ def generate(cfg: dict[str, Any], root: Path, subsets: list[str], workers: int =
                 sums[sub][rel] = sha1_bytes(data)
     for sub, entries in sums.items():
         fsutil.write_text(root / sub / "checksums", _checksums_text(entries))
-        fsutil.write_text(root / sub / "README.txt",
-                          "Synthetic stand-in for the FMA release, generated by `cola download`.\n")
-    return {"tracks": len(plans), **{f: len(entries) for f, entries in sums.items()},
-            "faulty": sum(p.fault is not None for p in plans)}
+        fsutil.write_text(
+            root / sub / "README.txt",
+            "Synthetic stand-in for the FMA release, generated by `cola download`.\n",
+        )
+    return {
+        "tracks": len(plans),
+        **{f: len(entries) for f, entries in sums.items()},
+        "faulty": sum(p.fault is not None for p in plans),
+    }

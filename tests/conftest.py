@@ -1,0 +1,71 @@
+"""Shared fixtures: the production params with the tiny test overrides, and the tiny dataset."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cola_audio import download, featurize, params, prepare
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("COLA_SHARED", REPO.parent / "shared"))
+FMA_REAL = SHARED / "fixtures" / "fma_real"
+FRONTEND_FIXTURE = SHARED / "fixtures" / "cola_frontend"
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def tiny_params_dict(root: Path | None = None) -> dict[str, Any]:
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    tiny = yaml.safe_load((REPO / "tests" / "config_tiny" / "overrides.yaml").read_text())
+    merged = merge(base, tiny)
+    if root is not None:
+        merged["data"]["root"] = str(root)
+    return params.validate(merged)
+
+
+def require(path: Path) -> Path:
+    """Skip, saying why, where the shared fixtures are not beside the checkout."""
+    if not path.exists():
+        pytest.skip(f"shared fixture {path} is absent (set COLA_SHARED to the shared/ folder)")
+    return path
+
+
+@pytest.fixture
+def default_params() -> dict[str, Any]:
+    return params.load(REPO / "params.yaml")
+
+
+@pytest.fixture
+def tiny_params(tmp_path: Path) -> dict[str, Any]:
+    return tiny_params_dict(tmp_path / "raw")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The tiny embedded dataset, prepared and featurized once per session (read-only for tests)."""
+    base = tmp_path_factory.mktemp("tiny")
+    p = tiny_params_dict(base / "raw")
+    download.run(p)
+    prepare.run(p, out_dir=base / "meta")
+    featurize.run(p, meta_dir=base / "meta", out_dir=base / "features")
+    return {
+        "params": p,
+        "root": base,
+        "raw": base / "raw",
+        "meta": base / "meta",
+        "features": base / "features",
+    }

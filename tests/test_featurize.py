@@ -1,0 +1,150 @@
+"""The sharded feature store: faults recorded, reruns identical, kills never look complete."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from cola_audio import featurize, synthetic
+from cola_audio.store import FeatureStore
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_store_layout_and_index(tiny_data):
+    features = tiny_data["features"]
+    p = tiny_data["params"]["features"]
+    index = pd.read_csv(features / "index.csv")
+    assert list(index.columns) == ["track_id", "shard", "offset", "frames"]
+    assert (index["shard"] == index["track_id"] % p["n_shards"]).all()
+    assert index["track_id"].is_monotonic_increasing
+    for shard in range(p["n_shards"]):
+        mm = np.load(features / "shards" / f"{shard:03d}.npy", mmap_mode="r")
+        rows = index[index["shard"] == shard]
+        assert mm.dtype == np.float16 and mm.shape == (rows["frames"].sum(), 64)
+        assert (rows["offset"].diff().dropna() == rows["frames"].iloc[:-1].to_numpy()).all()
+
+
+def test_faulty_clips_are_listed_with_reasons(tiny_data):
+    skipped = pd.read_csv(tiny_data["features"] / "skipped.csv")
+    reasons = " | ".join(skipped["reason"])
+    assert len(skipped) == 4
+    for expected in ("empty file (0 bytes)", "undecodable", "truncated stream", "too short"):
+        assert expected in reasons
+    summary = json.loads((tiny_data["features"] / "summary.json").read_text())
+    assert summary["skipped"] == 4 and summary["featurized"] + 4 == summary["clips"]
+
+
+def test_store_crops_read_the_right_frames(tiny_data):
+    store = FeatureStore(tiny_data["features"])
+    tid = int(store.track_ids[3])
+    clip = np.asarray(store.clip(tid), dtype=np.float32)
+    assert np.array_equal(store.crop(tid, 5, 20), clip[5:25])
+    tail = store.crop(tid, len(clip) - 10, 30)
+    assert np.array_equal(tail[:10], clip[-10:])
+    assert np.all(tail[10:] == np.float32(np.log(1e-5)))  # padded with silence
+    skipped = int(pd.read_csv(tiny_data["features"] / "skipped.csv")["track_id"].iloc[0])
+    with pytest.raises(KeyError, match=f"track {skipped}"):
+        store.crop(skipped, 0, 10)
+
+
+def test_rerun_is_byte_identical(tiny_data, tmp_path):
+    p = tiny_data["params"]
+    featurize.run(p, shard=1, meta_dir=tiny_data["meta"], out_dir=tmp_path, workers=2)
+    featurize.run(p, shard=0, meta_dir=tiny_data["meta"], out_dir=tmp_path, workers=1)
+    featurize.run(p, do_gather=True, meta_dir=tiny_data["meta"], out_dir=tmp_path)
+    assert _digest(tmp_path) == _digest(tiny_data["features"])
+
+
+def _write_faulty(folder: Path) -> dict[int, str]:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    good = synthetic.synth_clip(synthetic.SIGNATURES["Pop"], 4.0, 22050, rng)
+    sf.write(folder / "good.mp3", good, 22050, format="MP3")
+    (folder / "empty.mp3").write_bytes(b"")
+    (folder / "id3.mp3").write_bytes(synthetic.id3_only_bytes())
+    data = (folder / "good.mp3").read_bytes()
+    (folder / "truncated.mp3").write_bytes(data[: len(data) // 3])
+    (folder / "garbage.mp3").write_bytes(rng.bytes(5000))
+    sf.write(folder / "short.wav", good[:22050], 22050)
+    return {
+        i + 1: str(folder / name)
+        for i, name in enumerate(
+            [
+                "good.mp3",
+                "empty.mp3",
+                "id3.mp3",
+                "truncated.mp3",
+                "garbage.mp3",
+                "short.wav",
+                "missing.mp3",
+            ]
+        )
+    }
+
+
+def test_each_bad_input_gets_its_reason(tmp_path, default_params):
+    files = _write_faulty(tmp_path / "audio")
+    feats = default_params["features"]
+    reasons = {
+        tid: featurize.featurize_file(tid, path, feats).reason for tid, path in files.items()
+    }
+    assert reasons[1] is None
+    assert reasons[2] == "empty file (0 bytes)"
+    assert reasons[3].startswith("undecodable")
+    assert reasons[4].startswith("truncated stream: decoded")
+    assert reasons[5].startswith("undecodable") or reasons[5].startswith("truncated")
+    assert reasons[6].startswith("too short: 1.00 s")
+    assert reasons[7] == "missing file"
+
+
+def test_threshold_fails_the_stage_naming_the_files(tmp_path, default_params):
+    files = _write_faulty(tmp_path / "audio")
+    feats = dict(default_params["features"], n_shards=1, max_skipped_fraction=0.5)
+    featurize.featurize_shard(files, 0, feats, tmp_path / "features", workers=1)
+    with pytest.raises(featurize.TooManySkipped) as info:
+        featurize.gather(feats, tmp_path / "features")
+    message = str(info.value)
+    assert "6 of 7 clips" in message
+    for name in ("empty.mp3", "id3.mp3", "truncated.mp3", "missing.mp3"):
+        assert name in message
+    assert (tmp_path / "features" / "skipped.csv").is_file()
+    assert not (tmp_path / "features" / "index.csv").exists()
+
+
+def test_a_killed_shard_never_looks_complete(tiny_data, tmp_path, monkeypatch):
+    p = tiny_data["params"]
+    out = tmp_path / "features"
+    shutil.copytree(tiny_data["features"], out)
+    calls = {"n": 0}
+    real = featurize.featurize_file
+
+    def dies_midway(*args):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("killed")
+        return real(*args)
+
+    monkeypatch.setattr(featurize, "featurize_file", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        featurize.run(p, shard=0, workers=1, meta_dir=tiny_data["meta"], out_dir=out)
+    assert not (out / "shards" / "000.json").exists()
+    assert not any(f.name.startswith(".") for f in (out / "shards").iterdir())
+    with pytest.raises(FileNotFoundError, match="shard 0 is missing or incomplete"):
+        featurize.gather(p["features"], out)
+
+
+def test_shard_out_of_range_is_refused(tiny_data):
+    with pytest.raises(ValueError, match="n_shards = 2 allows 0..1"):
+        featurize.run(tiny_data["params"], shard=2)

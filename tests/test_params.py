@@ -1,0 +1,83 @@
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cola_audio import cli, params
+from conftest import REPO
+
+
+def test_default_params_are_valid(default_params):
+    assert default_params["data"]["source"] == "synthetic"
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        (("features", "n_mels"), "many", ["features.n_mels", "'many'", "not of type 'integer'"]),
+        (("features", "n_shards"), 0, ["features.n_shards", "0", "minimum"]),
+        (
+            ("data", "finetune_subset"),
+            "tiny",
+            ["data.finetune_subset", "'tiny'", "one of small, medium, large"],
+        ),
+        (("pretrain", "similarity"), "dot", ["pretrain.similarity", "bilinear, cosine"]),
+        (("pretrain", "trainer", "precision"), "64", ["pretrain.trainer.precision"]),
+        (("features", "fmax_hz"), 9000.0, ["features.fmax_hz", "Nyquist"]),
+        (("data", "pretrain_subset"), "small", None),  # valid: small ⊂ small
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(default_params, path, value, expected):
+    bad = copy.deepcopy(default_params)
+    node = bad
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    if expected is None:
+        params.validate(bad)
+        return
+    with pytest.raises(params.ParamsError) as info:
+        params.validate(bad)
+    for fragment in expected:
+        assert fragment in str(info.value)
+
+
+def test_unknown_key_is_named_with_the_known_ones(default_params):
+    bad = copy.deepcopy(default_params)
+    bad["features"]["n_mel"] = 64
+    with pytest.raises(params.ParamsError, match=r"n_mel.*known keys: .*n_mels"):
+        params.validate(bad)
+    bad = copy.deepcopy(default_params)
+    bad["pretrain"]["learning_rate"] = 0.1
+    with pytest.raises(params.ParamsError, match=r"learning_rate.*known keys: .*\blr\b"):
+        params.validate(bad)
+
+
+def test_smaller_pretraining_subset_is_refused(default_params):
+    bad = copy.deepcopy(default_params)
+    bad["data"]["finetune_subset"] = "medium"
+    bad["data"]["pretrain_subset"] = "small"
+    with pytest.raises(params.ParamsError, match="pretrain_subset"):
+        params.validate(bad)
+
+
+def test_cli_stops_before_work_on_bad_params(tmp_path: Path, capsys):
+    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    p["features"]["workers"] = -1
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(p))
+    assert cli.main(["--params", str(path), "prepare", "--out", str(tmp_path / "meta")]) == 2
+    err = capsys.readouterr().err
+    assert "features.workers = -1" in err and str(path) in err
+    assert not (tmp_path / "meta").exists()
+
+
+def test_snakemake_can_use_the_same_schema():
+    from snakemake.utils import validate
+
+    config = yaml.safe_load((REPO / "params.yaml").read_text())
+    validate(config, str(REPO / "workflow" / "schemas" / "params.schema.yaml"))
+    config["features"]["n_shards"] = "four"
+    with pytest.raises(Exception, match="n_shards|four"):
+        validate(config, str(REPO / "workflow" / "schemas" / "params.schema.yaml"))
