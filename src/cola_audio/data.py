@@ -1,0 +1,178 @@
+"""Datasets and LightningDataModules over the memory-mapped feature store.
+
+A crop is a slice of a memory map: no whole-clip reads, no per-frame Python loops. Randomness comes
+from torch's generator, which Lightning seeds per worker, so two runs with one seed see the same crops.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cola_audio import fsutil
+from cola_audio.store import FeatureStore
+
+log = logging.getLogger(__name__)
+
+
+def random_start(frames: int, crop: int) -> int:
+    return int(torch.randint(0, max(1, frames - crop + 1), ()).item())
+
+
+class PretrainViews(Dataset):
+    """Two independent random crops of one clip: anchor and positive."""
+
+    def __init__(self, store: FeatureStore, track_ids: list[int], crop_frames: int) -> None:
+        self.store, self.track_ids, self.crop = store, track_ids, crop_frames
+        self.lengths = [store.frames(t) for t in track_ids]
+        self.n_padded = sum(n < crop_frames for n in self.lengths)
+
+    def __len__(self) -> int:
+        return len(self.track_ids)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tid, n = self.track_ids[i], self.lengths[i]
+        a = self.store.crop(tid, random_start(n, self.crop), self.crop)
+        p = self.store.crop(tid, random_start(n, self.crop), self.crop)
+        return torch.from_numpy(a), torch.from_numpy(p)
+
+
+class LabelledCrops(Dataset):
+    """One random crop per clip and its label (training)."""
+
+    def __init__(self, store: FeatureStore, tracks: list[dict[str, Any]], crop_frames: int) -> None:
+        self.store, self.tracks, self.crop = store, tracks, crop_frames
+        self.lengths = [store.frames(t["track_id"]) for t in tracks]
+
+    def __len__(self) -> int:
+        return len(self.tracks)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        track = self.tracks[i]
+        x = self.store.crop(track["track_id"], random_start(self.lengths[i], self.crop), self.crop)
+        return torch.from_numpy(x), track["label"]
+
+
+def window_starts(frames: int, crop: int) -> list[int]:
+    """Every non-overlapping full window; a clip shorter than one window gets one padded window."""
+    return list(range(0, frames - crop + 1, crop)) or [0]
+
+
+class ClipWindows(Dataset):
+    """All windows of one clip as a stack (evaluation: logits are averaged over the clip)."""
+
+    def __init__(self, store: FeatureStore, tracks: list[dict[str, Any]], crop_frames: int) -> None:
+        self.store, self.tracks, self.crop = store, tracks, crop_frames
+
+    def __len__(self) -> int:
+        return len(self.tracks)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        track = self.tracks[i]
+        tid = track["track_id"]
+        clip = np.asarray(self.store.clip(tid), dtype=np.float32)
+        n = len(window_starts(len(clip), self.crop))
+        if len(clip) >= self.crop:  # a reshape of the clip's frames: no copy per window
+            windows = clip[: n * self.crop].reshape(n, self.crop, clip.shape[1])
+        else:
+            windows = self.store.crop(tid, 0, self.crop)[None]
+        return torch.from_numpy(np.ascontiguousarray(windows)), track["label"], tid
+
+
+def collate_clips(batch: list[tuple[torch.Tensor, int, int]]) -> dict[str, torch.Tensor]:
+    """Concatenate windows of several clips; `clip` says which clip each window belongs to."""
+    windows = torch.cat([w for w, _, _ in batch])
+    clip = torch.cat([torch.full((len(w),), i, dtype=torch.long) for i, (w, _, _) in
+                      enumerate(batch)])
+    labels = torch.tensor([label for _, label, _ in batch])
+    track_ids = torch.tensor([tid for _, _, tid in batch])
+    return {"windows": windows, "clip": clip, "labels": labels, "track_ids": track_ids}
+
+
+def _loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
+            drop_last: bool = False, collate_fn: Any = None) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      drop_last=drop_last, collate_fn=collate_fn,
+                      generator=torch.Generator().manual_seed(seed),
+                      persistent_workers=num_workers > 0)
+
+
+class PretrainData(pl.LightningDataModule):
+    def __init__(self, features: Path, meta_dir: Path, crop_frames: int, batch_size: int,
+                 num_workers: int, seed: int) -> None:
+        super().__init__()
+        self.features, self.meta_dir = Path(features), Path(meta_dir)
+        self.crop_frames, self.batch_size = crop_frames, batch_size
+        self.num_workers, self.seed = num_workers, seed
+        self.dataset: PretrainViews | None = None
+        self.n_missing = 0
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        store = FeatureStore(self.features)
+        listed = [t["track_id"] for t in fsutil.read_json(self.meta_dir / "pretrain.json")["tracks"]]
+        ids = [t for t in listed if t in store]
+        self.n_missing = len(listed) - len(ids)
+        if len(ids) < 2:
+            raise ValueError(f"{self.features}: fewer than two pretraining clips are featurized")
+        self.dataset = PretrainViews(store, ids, self.crop_frames)
+        log.info("pretraining on %d clips (%d listed but skipped at featurization, %d shorter "
+                 "than one crop and padded)", len(ids), self.n_missing, self.dataset.n_padded)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.dataset is not None
+        # drop_last: every step has the same number of negatives, so accuracy is comparable.
+        batch = min(self.batch_size, len(self.dataset))
+        return _loader(self.dataset, batch, True, self.num_workers, self.seed, drop_last=True)
+
+
+class GenreData(pl.LightningDataModule):
+    def __init__(self, features: Path, meta_dir: Path, crop_frames: int, batch_size: int,
+                 eval_batch_size: int, num_workers: int, seed: int) -> None:
+        super().__init__()
+        self.features, self.meta_dir = Path(features), Path(meta_dir)
+        self.crop_frames, self.batch_size = crop_frames, batch_size
+        self.eval_batch_size, self.num_workers, self.seed = eval_batch_size, num_workers, seed
+        self.splits: dict[str, list[dict[str, Any]]] = {}
+        self.missing: dict[str, int] = {}
+        self.genres: list[str] = []
+        self.store: FeatureStore | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.store is not None:
+            return
+        self.store = FeatureStore(self.features)
+        self.genres = fsutil.read_json(self.meta_dir / "labels.json")["genres"]
+        tracks = fsutil.read_json(self.meta_dir / "finetune.json")["tracks"]
+        for split in ("train", "val", "test"):
+            listed = [t for t in tracks if t["split"] == split]
+            self.splits[split] = [t for t in listed if t["track_id"] in self.store]
+            self.missing[split] = len(listed) - len(self.splits[split])
+            if not self.splits[split]:
+                raise ValueError(f"no featurized {split} clips in {self.features}")
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.store is not None
+        data = LabelledCrops(self.store, self.splits["train"], self.crop_frames)
+        return _loader(data, self.batch_size, True, self.num_workers, self.seed)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        assert self.store is not None
+        data = ClipWindows(self.store, self.splits[split], self.crop_frames)
+        lengths = sorted(self.store.frames(t["track_id"]) for t in self.splits[split])
+        per_clip = max(1, lengths[len(lengths) // 2] // self.crop_frames)
+        clips = max(1, self.eval_batch_size // per_clip)
+        return _loader(data, clips, False, self.num_workers, self.seed, collate_fn=collate_clips)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")

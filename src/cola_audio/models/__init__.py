@@ -1,0 +1,1 @@
+"""Networks and LightningModules: the encoder, COLA pretraining, genre classification."""

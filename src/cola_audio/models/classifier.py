@@ -1,0 +1,123 @@
+"""Genre classification on the 1280-d encoder output: fine-tuning or linear evaluation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from cola_audio.models.encoder import EMBED_DIM, Encoder
+from cola_audio.training import lr_lambda
+
+
+def clip_logits(window_logits: torch.Tensor, clip: torch.Tensor, n_clips: int) -> torch.Tensor:
+    """Average window logits per clip (the official evaluation protocol); pure."""
+    sums = torch.zeros(n_clips, window_logits.shape[1], dtype=window_logits.dtype,
+                       device=window_logits.device).index_add_(0, clip, window_logits)
+    counts = torch.bincount(clip, minlength=n_clips).clamp(min=1).unsqueeze(1)
+    return sums / counts
+
+
+class GenreClassifier(pl.LightningModule):
+    def __init__(self, n_classes: int, init: str = "scratch", mode: str = "finetune",
+                 pooling: str = "max", input_norm: str = "crop", bn_momentum: float = 0.1,
+                 dropout: float = 0.2, lr: float = 1e-3,
+                 linear_lr: float = 1e-2, weight_decay: float = 0.0, lr_schedule: str = "cosine",
+                 warmup_steps: int = 0, data_fingerprint: str = "") -> None:
+        super().__init__()
+        if mode not in ("finetune", "linear"):
+            raise ValueError(f"mode must be finetune or linear, got {mode!r}")
+        self.save_hyperparameters()
+        self.encoder = Encoder(pooling, input_norm, bn_momentum)
+        self.dropout = torch.nn.Dropout(dropout)
+        self.head = torch.nn.Linear(EMBED_DIM, n_classes)
+        if mode == "linear":
+            self.encoder.requires_grad_(False)
+        self.val_correct = 0
+        self.val_total = 0
+        self.test_outputs: dict[str, torch.Tensor] = {}
+        self._test_parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def linear(self) -> bool:
+        return self.hparams.mode == "linear"
+
+    def train(self, mode: bool = True) -> GenreClassifier:
+        """Linear evaluation keeps the encoder in eval mode: BatchNorm statistics stay frozen."""
+        super().train(mode)
+        if self.linear:
+            self.encoder.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.linear:
+            with torch.no_grad():
+                h = self.encoder(x)
+        else:
+            h = self.encoder(x)
+        return self.head(self.dropout(h))
+
+    def batchnorm_forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """The forward pass training uses, for recomputing BatchNorm statistics."""
+        self(batch[0])
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+                      ) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train_acc", (logits.argmax(1) == y).float().mean(), on_step=True, on_epoch=True)
+        return loss
+
+    def _predict_clips(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self(batch["windows"])
+        return clip_logits(logits.float(), batch["clip"], len(batch["labels"]))
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_correct = 0
+        self.val_total = 0
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self._predict_clips(batch)
+        correct = (logits.argmax(1) == batch["labels"]).sum()
+        self.val_correct += int(correct)
+        self.val_total += len(batch["labels"])
+        self.log("val_loss", F.cross_entropy(logits, batch["labels"]), on_epoch=True,
+                 batch_size=len(batch["labels"]), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        counts = torch.tensor([self.val_correct, self.val_total], dtype=torch.float64,
+                              device=self.device)
+        counts = self.all_gather(counts).reshape(-1, 2).sum(0)
+        self.log("val_acc", (counts[0] / counts[1].clamp(min=1)).float(), prog_bar=True)
+
+    def on_test_epoch_start(self) -> None:
+        self._test_parts = []
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self._predict_clips(batch)
+        self._test_parts.append((batch["track_ids"], batch["labels"], logits.argmax(1)))
+
+    def on_test_epoch_end(self) -> None:
+        parts = [torch.cat([p[i] for p in self._test_parts]) for i in range(3)]
+        if self.trainer.world_size > 1:  # each rank scored whole clips; gather and de-duplicate
+            parts = [self.all_gather(p).reshape(-1) for p in parts]
+        track_ids, labels, preds = (p.cpu() for p in parts)
+        order = torch.argsort(track_ids, stable=True)
+        track_ids, labels, preds = track_ids[order], labels[order], preds[order]
+        keep = torch.ones_like(track_ids, dtype=torch.bool)
+        keep[1:] = track_ids[1:] != track_ids[:-1]
+        self.test_outputs = {"track_ids": track_ids[keep], "labels": labels[keep],
+                             "preds": preds[keep]}
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = self.head.parameters() if self.linear else self.parameters()
+        lr = self.hparams.linear_lr if self.linear else self.hparams.lr
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=self.hparams.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(self.hparams.lr_schedule, self.hparams.warmup_steps, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

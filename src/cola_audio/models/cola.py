@@ -1,0 +1,97 @@
+"""COLA: contrastive pretraining with in-batch negatives and a bilinear similarity."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from cola_audio.models.encoder import EMBED_DIM, Encoder
+from cola_audio.training import lr_lambda
+
+
+class ColaHead(torch.nn.Module):
+    """g(h) = tanh(LayerNorm(W_g h)): the projection the similarity is computed on."""
+
+    def __init__(self, embedding_dim: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(EMBED_DIM, embedding_dim)
+        self.norm = torch.nn.LayerNorm(embedding_dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.norm(self.proj(h)))
+
+
+def similarity_logits(anchors: torch.Tensor, positives: torch.Tensor,
+                      bilinear: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """(n_anchors, n_positives) logits: a·W·pᵀ (bilinear) or cos(a, p)/τ; pure, for testing."""
+    if bilinear is not None:
+        return anchors @ bilinear @ positives.T
+    return F.normalize(anchors, dim=-1) @ F.normalize(positives, dim=-1).T / temperature
+
+
+class ColaModule(pl.LightningModule):
+    def __init__(self, pooling: str = "max", input_norm: str = "crop", bn_momentum: float = 0.1,
+                 embedding_dim: int = 512,
+                 similarity: str = "bilinear", temperature: float = 0.2, dropout: float = 0.1,
+                 positive_noise_std: float = 0.0, lr: float = 1e-3, weight_decay: float = 0.0,
+                 lr_schedule: str = "cosine", warmup_steps: int = 0,
+                 data_fingerprint: str = "") -> None:
+        super().__init__()
+        self.save_hyperparameters()  # plain values only: checkpoints load with weights_only=True
+        self.encoder = Encoder(pooling, input_norm, bn_momentum)
+        self.dropout = torch.nn.Dropout(dropout)
+        self.head = ColaHead(embedding_dim)
+        self.bilinear = (torch.nn.Parameter(torch.empty(embedding_dim, embedding_dim))
+                         if similarity == "bilinear" else None)
+        if self.bilinear is not None:
+            torch.nn.init.xavier_uniform_(self.bilinear)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.encoder(x)))
+
+    def batchnorm_forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """The forward pass training uses, for recomputing BatchNorm statistics."""
+        self.embed(torch.cat(batch))
+
+    def contrastive_step(self, anchors: torch.Tensor, positives: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Loss, accuracy and logits; negatives are every other positive of the global batch."""
+        if self.hparams.positive_noise_std > 0:
+            positives = positives + self.hparams.positive_noise_std * torch.randn_like(positives)
+        n = anchors.shape[0]
+        # One encoder pass for both views: shared BatchNorm statistics, as the official code.
+        z = self.embed(torch.cat([anchors, positives]))
+        z_a, z_p = z[:n], z[n:]
+        offset = 0
+        if self.trainer is not None and self.trainer.world_size > 1:
+            gathered = self.all_gather(z_p, sync_grads=True)  # (world, n, d)
+            z_p = gathered.reshape(-1, z_p.shape[-1])
+            offset = self.global_rank * n
+        logits = similarity_logits(z_a.float(), z_p.float(),
+                                   None if self.bilinear is None else self.bilinear.float(),
+                                   self.hparams.temperature)
+        target = torch.arange(n, device=logits.device) + offset
+        loss = F.cross_entropy(logits, target)
+        acc = (logits.argmax(dim=1) == target).float().mean()
+        return loss, acc, logits
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+                      ) -> torch.Tensor:
+        anchors, positives = batch
+        loss, acc, logits = self.contrastive_step(anchors, positives)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train_acc", acc, prog_bar=True, on_step=True, on_epoch=True)
+        # Contrastive accuracy only means something next to the number of candidates.
+        self.log("global_batch", float(logits.shape[1]), on_step=True, on_epoch=False)
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr,
+                               weight_decay=self.hparams.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(self.hparams.lr_schedule, self.hparams.warmup_steps, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

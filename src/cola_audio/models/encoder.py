@@ -1,0 +1,91 @@
+"""EfficientNet-B0 over log-mel crops, pooled to the 1280-d representation COLA transfers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from efficientnet_pytorch import EfficientNet
+from safetensors.torch import load_file, save_file
+
+from cola_audio import fsutil
+
+EMBED_DIM = 1280
+MIN_FRAMES = 32  # the network downsamples time and frequency by 32
+
+
+class Encoder(torch.nn.Module):
+    """(batch, frames, mels) log-mel → (batch, 1280).
+
+    One input channel straight into EfficientNet-B0 (the official code; the seed's extra 1→3
+    channel convolution is not needed). Built from scratch: no weights are downloaded.
+    """
+
+    def __init__(self, pooling: str = "max", input_norm: str = "crop", bn_momentum: float = 0.1,
+                 drop_connect_rate: float = 0.0) -> None:
+        super().__init__()
+        if pooling not in ("max", "avg"):
+            raise ValueError(f"pooling must be 'max' or 'avg', got {pooling!r}")
+        if input_norm not in ("crop", "none"):
+            raise ValueError(f"input_norm must be 'crop' or 'none', got {input_norm!r}")
+        self.pooling, self.input_norm = pooling, input_norm
+        # efficientnet_pytorch takes TF's convention: torch momentum = 1 - batch_norm_momentum.
+        self.net = EfficientNet.from_name(
+            "efficientnet-b0", in_channels=1, include_top=False,
+            drop_connect_rate=drop_connect_rate, batch_norm_momentum=1.0 - bn_momentum,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 3:
+            raise ValueError(f"expected (batch, frames, mels), got shape {tuple(x.shape)}")
+        if self.input_norm == "crop":
+            x = standardize_crops(x)
+        fmap = self.net.extract_features(x.unsqueeze(1))
+        return fmap.amax(dim=(2, 3)) if self.pooling == "max" else fmap.mean(dim=(2, 3))
+
+
+def standardize_crops(x: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit variance per crop.
+
+    A waveform gain is a constant added to every log-mel value, so this makes the input invariant
+    to how the waveform was normalised (whole clip, as stored, or each crop, as the official
+    downstream input): the two agree exactly after it.
+    """
+    mean = x.mean(dim=(1, 2), keepdim=True)
+    std = x.std(dim=(1, 2), keepdim=True).clamp(min=1e-5)
+    return (x - mean) / std
+
+
+class StateDictMismatch(ValueError):
+    """A saved encoder does not fit this architecture; the message lists the keys."""
+
+
+def save_encoder(encoder: Encoder, path: str | Path) -> None:
+    """Plain tensors in safetensors: loadable anywhere without unpickling."""
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    with fsutil.atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "cola-audio encoder", "pooling":
+                                              encoder.pooling})
+
+
+def load_encoder_weights(encoder: Encoder, path: str | Path) -> None:
+    """Strict load: any missing or unexpected key is an error naming the keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no pretrained encoder; run `cola pretrain` or `dvc pull`")
+    state = load_file(str(path))
+    expected = encoder.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or shapes:
+
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" … ({len(keys)} in all)" if len(keys) > 8 else "")
+
+        raise StateDictMismatch(
+            f"{path} does not match the encoder: missing keys [{show(missing)}], unexpected keys "
+            f"[{show(unexpected)}], shape mismatches [{show(shapes)}]. Re-export it with "
+            "`cola pretrain` using the same architecture."
+        )
+    encoder.load_state_dict(state, strict=True)

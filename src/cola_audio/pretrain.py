@@ -1,0 +1,59 @@
+"""`cola pretrain`: COLA on the unlabelled pretraining set; exports the encoder as safetensors."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from cola_audio import fsutil, training
+from cola_audio.data import PretrainData
+from cola_audio.models.cola import ColaModule
+from cola_audio.models.encoder import save_encoder
+
+log = logging.getLogger(__name__)
+HPARAM_KEYS = ("pooling", "input_norm", "bn_momentum", "embedding_dim", "similarity", "temperature", "dropout",
+               "positive_noise_std", "lr", "weight_decay", "lr_schedule", "warmup_steps")
+
+
+def run(params: dict[str, Any], features: Path = Path("data/features"),
+        meta_dir: Path = Path("data/meta"), out_dir: Path = Path("models/pretrain"),
+        callbacks: list | None = None, **trainer_overrides: Any) -> dict[str, Any]:
+    cfg = params["pretrain"]
+    out_dir = Path(out_dir)
+    training.seed_everything(cfg["seed"])
+    data = PretrainData(features, meta_dir, cfg["crop_frames"], cfg["batch_size"],
+                        cfg["num_workers"], cfg["seed"])
+    data.setup()
+    fp = training.fingerprint(Path(features) / "index.csv", Path(meta_dir) / "pretrain.json")
+    model = ColaModule(**{k: cfg[k] for k in HPARAM_KEYS}, data_fingerprint=fp)
+    _, checkpoints = training.checkpoint_callbacks(out_dir, "train_loss_epoch", "min")
+    trainer = training.make_trainer(cfg, out_dir, [*checkpoints, *(callbacks or [])],
+                                    **trainer_overrides)
+    resume = training.resumable(out_dir / "checkpoints" / "last.ckpt", dict(model.hparams))
+    start = time.perf_counter()
+    trainer.fit(model, data, ckpt_path=resume, weights_only=True)
+    wall = time.perf_counter() - start
+    summary = {
+        "steps": int(trainer.global_step),
+        "epochs": int(trainer.current_epoch),
+        "clips": len(data.dataset),
+        "clips_padded": data.dataset.n_padded,
+        "clips_missing": data.n_missing,
+        "global_batch": int(cfg["batch_size"] * trainer.world_size),
+        "precision": str(trainer.precision),
+        "accelerator": type(trainer.accelerator).__name__,
+        "devices": trainer.world_size,
+        "wall_seconds": round(wall, 2),
+        "final": {k: round(float(v), 5) for k, v in trainer.callback_metrics.items()},
+        "data_fingerprint": fp,
+        "resumed_from": str(resume) if resume else None,
+    }
+    if trainer.is_global_zero:
+        save_encoder(model.encoder, out_dir / "encoder.safetensors")
+        training.export_curve(out_dir, ["train_loss_step", "train_acc_step", "global_batch"],
+                              out_dir / "curve.csv")
+        fsutil.write_json(out_dir / "summary.json", summary)
+        log.info("pretraining done: %s", summary)
+    return summary
