@@ -102,8 +102,10 @@ def main() -> None:
     print(f"ours ÷ decode-only (per core)       : {decode_s / ours_1:7.2f}  (target ≥ 0.8)")
     print(f"ours ÷ seed-style (1 core)          : {seed_1 / ours_1:7.2f}")
     print(f"ours {cores}-core scaling              : {ours_1 / ours_all:7.2f}x (target ≥ 1.7)")
-    print(f"bytes on disk per clip-second       : ours {ours_bytes / seconds:,.0f}, "
-          f"seed-style {seed_bytes / seconds:,.0f}")
+    print(
+        f"bytes on disk per clip-second       : ours {ours_bytes / seconds:,.0f}, "
+        f"seed-style {seed_bytes / seconds:,.0f}"
+    )
 
 
 if __name__ == "__main__":

@@ -88,24 +88,45 @@ class ClipWindows(Dataset):
 def collate_clips(batch: list[tuple[torch.Tensor, int, int]]) -> dict[str, torch.Tensor]:
     """Concatenate windows of several clips; `clip` says which clip each window belongs to."""
     windows = torch.cat([w for w, _, _ in batch])
-    clip = torch.cat([torch.full((len(w),), i, dtype=torch.long) for i, (w, _, _) in
-                      enumerate(batch)])
+    clip = torch.cat(
+        [torch.full((len(w),), i, dtype=torch.long) for i, (w, _, _) in enumerate(batch)]
+    )
     labels = torch.tensor([label for _, label, _ in batch])
     track_ids = torch.tensor([tid for _, _, tid in batch])
     return {"windows": windows, "clip": clip, "labels": labels, "track_ids": track_ids}
 
 
-def _loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
-            drop_last: bool = False, collate_fn: Any = None) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      drop_last=drop_last, collate_fn=collate_fn,
-                      generator=torch.Generator().manual_seed(seed),
-                      persistent_workers=num_workers > 0)
+def _loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int,
+    seed: int,
+    drop_last: bool = False,
+    collate_fn: Any = None,
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        collate_fn=collate_fn,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=num_workers > 0,
+    )
 
 
 class PretrainData(pl.LightningDataModule):
-    def __init__(self, features: Path, meta_dir: Path, crop_frames: int, batch_size: int,
-                 num_workers: int, seed: int) -> None:
+    def __init__(
+        self,
+        features: Path,
+        meta_dir: Path,
+        crop_frames: int,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+    ) -> None:
         super().__init__()
         self.features, self.meta_dir = Path(features), Path(meta_dir)
         self.crop_frames, self.batch_size = crop_frames, batch_size
@@ -117,14 +138,21 @@ class PretrainData(pl.LightningDataModule):
         if self.dataset is not None:
             return
         store = FeatureStore(self.features)
-        listed = [t["track_id"] for t in fsutil.read_json(self.meta_dir / "pretrain.json")["tracks"]]
+        listed = [
+            t["track_id"] for t in fsutil.read_json(self.meta_dir / "pretrain.json")["tracks"]
+        ]
         ids = [t for t in listed if t in store]
         self.n_missing = len(listed) - len(ids)
         if len(ids) < 2:
             raise ValueError(f"{self.features}: fewer than two pretraining clips are featurized")
         self.dataset = PretrainViews(store, ids, self.crop_frames)
-        log.info("pretraining on %d clips (%d listed but skipped at featurization, %d shorter "
-                 "than one crop and padded)", len(ids), self.n_missing, self.dataset.n_padded)
+        log.info(
+            "pretraining on %d clips (%d listed but skipped at featurization, %d shorter "
+            "than one crop and padded)",
+            len(ids),
+            self.n_missing,
+            self.dataset.n_padded,
+        )
 
     def train_dataloader(self) -> DataLoader:
         assert self.dataset is not None
@@ -134,8 +162,16 @@ class PretrainData(pl.LightningDataModule):
 
 
 class GenreData(pl.LightningDataModule):
-    def __init__(self, features: Path, meta_dir: Path, crop_frames: int, batch_size: int,
-                 eval_batch_size: int, num_workers: int, seed: int) -> None:
+    def __init__(
+        self,
+        features: Path,
+        meta_dir: Path,
+        crop_frames: int,
+        batch_size: int,
+        eval_batch_size: int,
+        num_workers: int,
+        seed: int,
+    ) -> None:
         super().__init__()
         self.features, self.meta_dir = Path(features), Path(meta_dir)
         self.crop_frames, self.batch_size = crop_frames, batch_size

@@ -13,24 +13,43 @@ from cola_audio.models.cola import ColaModule
 from cola_audio.models.encoder import save_encoder
 
 log = logging.getLogger(__name__)
-HPARAM_KEYS = ("pooling", "input_norm", "bn_momentum", "embedding_dim", "similarity", "temperature", "dropout",
-               "positive_noise_std", "lr", "weight_decay", "lr_schedule", "warmup_steps")
+HPARAM_KEYS = (
+    "pooling",
+    "input_norm",
+    "bn_momentum",
+    "embedding_dim",
+    "similarity",
+    "temperature",
+    "dropout",
+    "positive_noise_std",
+    "lr",
+    "weight_decay",
+    "lr_schedule",
+    "warmup_steps",
+)
 
 
-def run(params: dict[str, Any], features: Path = Path("data/features"),
-        meta_dir: Path = Path("data/meta"), out_dir: Path = Path("models/pretrain"),
-        callbacks: list | None = None, **trainer_overrides: Any) -> dict[str, Any]:
+def run(
+    params: dict[str, Any],
+    features: Path = Path("data/features"),
+    meta_dir: Path = Path("data/meta"),
+    out_dir: Path = Path("models/pretrain"),
+    callbacks: list | None = None,
+    **trainer_overrides: Any,
+) -> dict[str, Any]:
     cfg = params["pretrain"]
     out_dir = Path(out_dir)
     training.seed_everything(cfg["seed"])
-    data = PretrainData(features, meta_dir, cfg["crop_frames"], cfg["batch_size"],
-                        cfg["num_workers"], cfg["seed"])
+    data = PretrainData(
+        features, meta_dir, cfg["crop_frames"], cfg["batch_size"], cfg["num_workers"], cfg["seed"]
+    )
     data.setup()
     fp = training.fingerprint(Path(features) / "index.csv", Path(meta_dir) / "pretrain.json")
     model = ColaModule(**{k: cfg[k] for k in HPARAM_KEYS}, data_fingerprint=fp)
     _, checkpoints = training.checkpoint_callbacks(out_dir, "train_loss_epoch", "min")
-    trainer = training.make_trainer(cfg, out_dir, [*checkpoints, *(callbacks or [])],
-                                    **trainer_overrides)
+    trainer = training.make_trainer(
+        cfg, out_dir, [*checkpoints, *(callbacks or [])], **trainer_overrides
+    )
     resume = training.resumable(out_dir / "checkpoints" / "last.ckpt", dict(model.hparams))
     start = time.perf_counter()
     trainer.fit(model, data, ckpt_path=resume, weights_only=True)
@@ -52,8 +71,9 @@ def run(params: dict[str, Any], features: Path = Path("data/features"),
     }
     if trainer.is_global_zero:
         save_encoder(model.encoder, out_dir / "encoder.safetensors")
-        training.export_curve(out_dir, ["train_loss_step", "train_acc_step", "global_batch"],
-                              out_dir / "curve.csv")
+        training.export_curve(
+            out_dir, ["train_loss_step", "train_acc_step", "global_batch"], out_dir / "curve.csv"
+        )
         fsutil.write_json(out_dir / "summary.json", summary)
         log.info("pretraining done: %s", summary)
     return summary

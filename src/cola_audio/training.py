@@ -46,7 +46,8 @@ def resolve_precision(trainer_cfg: dict[str, Any]) -> str:
     if precision != "auto":
         return "32-true" if precision == "32" else precision
     on_gpu = trainer_cfg["accelerator"] in ("gpu", "cuda") or (
-        trainer_cfg["accelerator"] == "auto" and torch.cuda.is_available())
+        trainer_cfg["accelerator"] == "auto" and torch.cuda.is_available()
+    )
     return "bf16-mixed" if on_gpu else "32-true"
 
 
@@ -81,8 +82,9 @@ def resumable(ckpt: Path, hparams: dict[str, Any]) -> Path | None:
     return ckpt
 
 
-def make_trainer(section: dict[str, Any], out_dir: Path, callbacks: list[pl.Callback],
-                 **overrides: Any) -> pl.Trainer:
+def make_trainer(
+    section: dict[str, Any], out_dir: Path, callbacks: list[pl.Callback], **overrides: Any
+) -> pl.Trainer:
     cfg = section["trainer"]
     callbacks = [*callbacks, PreciseBatchNorm(section["precise_bn_batches"])]
     accelerator = "gpu" if cfg["accelerator"] == "cuda" else cfg["accelerator"]
@@ -106,18 +108,31 @@ def make_trainer(section: dict[str, Any], out_dir: Path, callbacks: list[pl.Call
     return pl.Trainer(**kwargs)
 
 
-def checkpoint_callbacks(out_dir: Path, monitor: str, mode: str
-                         ) -> tuple[ModelCheckpoint, list[pl.Callback]]:
+def checkpoint_callbacks(
+    out_dir: Path, monitor: str, mode: str
+) -> tuple[ModelCheckpoint, list[pl.Callback]]:
     """best.ckpt by `monitor`; last.ckpt every epoch and on a crash (the resume point).
 
     Lightning 2.6's save_last only refreshes last.ckpt when a top-k checkpoint was saved, which
     would leave a stale resume point, so last.ckpt has a callback of its own.
     """
     folder = str(Path(out_dir) / "checkpoints")
-    best = ModelCheckpoint(dirpath=folder, filename="best", monitor=monitor, mode=mode,
-                           save_top_k=1, enable_version_counter=False)
-    last = ModelCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1,
-                           every_n_epochs=1, enable_version_counter=False)
+    best = ModelCheckpoint(
+        dirpath=folder,
+        filename="best",
+        monitor=monitor,
+        mode=mode,
+        save_top_k=1,
+        enable_version_counter=False,
+    )
+    last = ModelCheckpoint(
+        dirpath=folder,
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        every_n_epochs=1,
+        enable_version_counter=False,
+    )
     return best, [best, last, LastOnException(out_dir)]
 
 
@@ -128,12 +143,16 @@ class LastOnException(pl.Callback):
     def __init__(self, out_dir: Path) -> None:
         self.path = Path(out_dir) / "checkpoints" / "last.ckpt"
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                     exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         if trainer.global_step > 0:
             trainer.save_checkpoint(self.path)
-            log.warning("training interrupted at step %d; saved %s to resume from",
-                        trainer.global_step, self.path)
+            log.warning(
+                "training interrupted at step %d; saved %s to resume from",
+                trainer.global_step,
+                self.path,
+            )
 
 
 class PreciseBatchNorm(pl.Callback):
@@ -154,8 +173,11 @@ class PreciseBatchNorm(pl.Callback):
             return
         was_training = module.training
         module.train()
-        norms = [m for m in module.modules()
-                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+        norms = [
+            m
+            for m in module.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+        ]
         momenta = [m.momentum for m in norms]
         for m in norms:
             m.reset_running_stats()

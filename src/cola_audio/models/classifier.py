@@ -14,18 +14,30 @@ from cola_audio.training import lr_lambda
 
 def clip_logits(window_logits: torch.Tensor, clip: torch.Tensor, n_clips: int) -> torch.Tensor:
     """Average window logits per clip (the official evaluation protocol); pure."""
-    sums = torch.zeros(n_clips, window_logits.shape[1], dtype=window_logits.dtype,
-                       device=window_logits.device).index_add_(0, clip, window_logits)
+    sums = torch.zeros(
+        n_clips, window_logits.shape[1], dtype=window_logits.dtype, device=window_logits.device
+    ).index_add_(0, clip, window_logits)
     counts = torch.bincount(clip, minlength=n_clips).clamp(min=1).unsqueeze(1)
     return sums / counts
 
 
 class GenreClassifier(pl.LightningModule):
-    def __init__(self, n_classes: int, init: str = "scratch", mode: str = "finetune",
-                 pooling: str = "max", input_norm: str = "crop", bn_momentum: float = 0.1,
-                 dropout: float = 0.2, lr: float = 1e-3,
-                 linear_lr: float = 1e-2, weight_decay: float = 0.0, lr_schedule: str = "cosine",
-                 warmup_steps: int = 0, data_fingerprint: str = "") -> None:
+    def __init__(
+        self,
+        n_classes: int,
+        init: str = "scratch",
+        mode: str = "finetune",
+        pooling: str = "max",
+        input_norm: str = "crop",
+        bn_momentum: float = 0.1,
+        dropout: float = 0.2,
+        lr: float = 1e-3,
+        linear_lr: float = 1e-2,
+        weight_decay: float = 0.0,
+        lr_schedule: str = "cosine",
+        warmup_steps: int = 0,
+        data_fingerprint: str = "",
+    ) -> None:
         super().__init__()
         if mode not in ("finetune", "linear"):
             raise ValueError(f"mode must be finetune or linear, got {mode!r}")
@@ -34,7 +46,7 @@ class GenreClassifier(pl.LightningModule):
         self.dropout = torch.nn.Dropout(dropout)
         self.head = torch.nn.Linear(EMBED_DIM, n_classes)
         if mode == "linear":
-            self.encoder.requires_grad_(False)
+            self.encoder.freeze()
         self.val_correct = 0
         self.val_total = 0
         self.test_outputs: dict[str, torch.Tensor] = {}
@@ -43,13 +55,6 @@ class GenreClassifier(pl.LightningModule):
     @property
     def linear(self) -> bool:
         return self.hparams.mode == "linear"
-
-    def train(self, mode: bool = True) -> GenreClassifier:
-        """Linear evaluation keeps the encoder in eval mode: BatchNorm statistics stay frozen."""
-        super().train(mode)
-        if self.linear:
-            self.encoder.eval()
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.linear:
@@ -63,8 +68,9 @@ class GenreClassifier(pl.LightningModule):
         """The forward pass training uses, for recomputing BatchNorm statistics."""
         self(batch[0])
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
-                      ) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
@@ -85,12 +91,18 @@ class GenreClassifier(pl.LightningModule):
         correct = (logits.argmax(1) == batch["labels"]).sum()
         self.val_correct += int(correct)
         self.val_total += len(batch["labels"])
-        self.log("val_loss", F.cross_entropy(logits, batch["labels"]), on_epoch=True,
-                 batch_size=len(batch["labels"]), sync_dist=True)
+        self.log(
+            "val_loss",
+            F.cross_entropy(logits, batch["labels"]),
+            on_epoch=True,
+            batch_size=len(batch["labels"]),
+            sync_dist=True,
+        )
 
     def on_validation_epoch_end(self) -> None:
-        counts = torch.tensor([self.val_correct, self.val_total], dtype=torch.float64,
-                              device=self.device)
+        counts = torch.tensor(
+            [self.val_correct, self.val_total], dtype=torch.float64, device=self.device
+        )
         counts = self.all_gather(counts).reshape(-1, 2).sum(0)
         self.log("val_acc", (counts[0] / counts[1].clamp(min=1)).float(), prog_bar=True)
 
@@ -110,8 +122,11 @@ class GenreClassifier(pl.LightningModule):
         track_ids, labels, preds = track_ids[order], labels[order], preds[order]
         keep = torch.ones_like(track_ids, dtype=torch.bool)
         keep[1:] = track_ids[1:] != track_ids[:-1]
-        self.test_outputs = {"track_ids": track_ids[keep], "labels": labels[keep],
-                             "preds": preds[keep]}
+        self.test_outputs = {
+            "track_ids": track_ids[keep],
+            "labels": labels[keep],
+            "preds": preds[keep],
+        }
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = self.head.parameters() if self.linear else self.parameters()
@@ -119,5 +134,6 @@ class GenreClassifier(pl.LightningModule):
         opt = torch.optim.Adam(params, lr=lr, weight_decay=self.hparams.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(self.hparams.lr_schedule, self.hparams.warmup_steps, total))
+            opt, lr_lambda(self.hparams.lr_schedule, self.hparams.warmup_steps, total)
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -24,8 +24,12 @@ class ColaHead(torch.nn.Module):
         return torch.tanh(self.norm(self.proj(h)))
 
 
-def similarity_logits(anchors: torch.Tensor, positives: torch.Tensor,
-                      bilinear: torch.Tensor | None, temperature: float) -> torch.Tensor:
+def similarity_logits(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    bilinear: torch.Tensor | None,
+    temperature: float,
+) -> torch.Tensor:
     """(n_anchors, n_positives) logits: a·W·pᵀ (bilinear) or cos(a, p)/τ; pure, for testing."""
     if bilinear is not None:
         return anchors @ bilinear @ positives.T
@@ -33,21 +37,36 @@ def similarity_logits(anchors: torch.Tensor, positives: torch.Tensor,
 
 
 class ColaModule(pl.LightningModule):
-    def __init__(self, pooling: str = "max", input_norm: str = "crop", bn_momentum: float = 0.1,
-                 embedding_dim: int = 512,
-                 similarity: str = "bilinear", temperature: float = 0.2, dropout: float = 0.1,
-                 positive_noise_std: float = 0.0, lr: float = 1e-3, weight_decay: float = 0.0,
-                 lr_schedule: str = "cosine", warmup_steps: int = 0,
-                 data_fingerprint: str = "") -> None:
+    def __init__(
+        self,
+        pooling: str = "max",
+        input_norm: str = "crop",
+        bn_momentum: float = 0.1,
+        embedding_dim: int = 512,
+        similarity: str = "bilinear",
+        temperature: float = 0.2,
+        dropout: float = 0.1,
+        positive_noise_std: float = 0.0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        lr_schedule: str = "cosine",
+        warmup_steps: int = 0,
+        data_fingerprint: str = "",
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()  # plain values only: checkpoints load with weights_only=True
         self.encoder = Encoder(pooling, input_norm, bn_momentum)
         self.dropout = torch.nn.Dropout(dropout)
         self.head = ColaHead(embedding_dim)
-        self.bilinear = (torch.nn.Parameter(torch.empty(embedding_dim, embedding_dim))
-                         if similarity == "bilinear" else None)
+        self.bilinear = (
+            torch.nn.Parameter(torch.empty(embedding_dim, embedding_dim))
+            if similarity == "bilinear"
+            else None
+        )
         if self.bilinear is not None:
-            torch.nn.init.xavier_uniform_(self.bilinear)
+            # Near zero, so training starts at chance (loss ln B): Xavier's scale gives logits of
+            # std ≈ 6 through the 512-d tanh embeddings and a loss near 10 that trains slowly.
+            torch.nn.init.normal_(self.bilinear, std=1e-3)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.encoder(x)))
@@ -56,8 +75,9 @@ class ColaModule(pl.LightningModule):
         """The forward pass training uses, for recomputing BatchNorm statistics."""
         self.embed(torch.cat(batch))
 
-    def contrastive_step(self, anchors: torch.Tensor, positives: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def contrastive_step(
+        self, anchors: torch.Tensor, positives: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Loss, accuracy and logits; negatives are every other positive of the global batch."""
         if self.hparams.positive_noise_std > 0:
             positives = positives + self.hparams.positive_noise_std * torch.randn_like(positives)
@@ -66,20 +86,24 @@ class ColaModule(pl.LightningModule):
         z = self.embed(torch.cat([anchors, positives]))
         z_a, z_p = z[:n], z[n:]
         offset = 0
-        if self.trainer is not None and self.trainer.world_size > 1:
+        if self._trainer is not None and self.trainer.world_size > 1:
             gathered = self.all_gather(z_p, sync_grads=True)  # (world, n, d)
             z_p = gathered.reshape(-1, z_p.shape[-1])
             offset = self.global_rank * n
-        logits = similarity_logits(z_a.float(), z_p.float(),
-                                   None if self.bilinear is None else self.bilinear.float(),
-                                   self.hparams.temperature)
+        logits = similarity_logits(
+            z_a.float(),
+            z_p.float(),
+            None if self.bilinear is None else self.bilinear.float(),
+            self.hparams.temperature,
+        )
         target = torch.arange(n, device=logits.device) + offset
         loss = F.cross_entropy(logits, target)
         acc = (logits.argmax(dim=1) == target).float().mean()
         return loss, acc, logits
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
-                      ) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         anchors, positives = batch
         loss, acc, logits = self.contrastive_step(anchors, positives)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
@@ -89,9 +113,11 @@ class ColaModule(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
-        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr,
-                               weight_decay=self.hparams.weight_decay)
+        opt = torch.optim.Adam(
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
         total = int(self.trainer.estimated_stepping_batches)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(self.hparams.lr_schedule, self.hparams.warmup_steps, total))
+            opt, lr_lambda(self.hparams.lr_schedule, self.hparams.warmup_steps, total)
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

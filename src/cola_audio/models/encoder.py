@@ -21,19 +21,37 @@ class Encoder(torch.nn.Module):
     channel convolution is not needed). Built from scratch: no weights are downloaded.
     """
 
-    def __init__(self, pooling: str = "max", input_norm: str = "crop", bn_momentum: float = 0.1,
-                 drop_connect_rate: float = 0.0) -> None:
+    def __init__(
+        self,
+        pooling: str = "max",
+        input_norm: str = "crop",
+        bn_momentum: float = 0.1,
+        drop_connect_rate: float = 0.0,
+    ) -> None:
         super().__init__()
         if pooling not in ("max", "avg"):
             raise ValueError(f"pooling must be 'max' or 'avg', got {pooling!r}")
         if input_norm not in ("crop", "none"):
             raise ValueError(f"input_norm must be 'crop' or 'none', got {input_norm!r}")
         self.pooling, self.input_norm = pooling, input_norm
+        self.frozen = False
         # efficientnet_pytorch takes TF's convention: torch momentum = 1 - batch_norm_momentum.
         self.net = EfficientNet.from_name(
-            "efficientnet-b0", in_channels=1, include_top=False,
-            drop_connect_rate=drop_connect_rate, batch_norm_momentum=1.0 - bn_momentum,
+            "efficientnet-b0",
+            in_channels=1,
+            include_top=False,
+            drop_connect_rate=drop_connect_rate,
+            batch_norm_momentum=1.0 - bn_momentum,
         )
+
+    def freeze(self) -> Encoder:
+        """Linear evaluation: no gradients and BatchNorm statistics fixed, whoever calls train()."""
+        self.frozen = True
+        self.requires_grad_(False)
+        return self.eval()
+
+    def train(self, mode: bool = True) -> Encoder:
+        return super().train(mode and not self.frozen)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 3:
@@ -64,8 +82,9 @@ def save_encoder(encoder: Encoder, path: str | Path) -> None:
     """Plain tensors in safetensors: loadable anywhere without unpickling."""
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     with fsutil.atomic_path(path, suffix=".safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"format": "cola-audio encoder", "pooling":
-                                              encoder.pooling})
+        save_file(
+            state, str(tmp), metadata={"format": "cola-audio encoder", "pooling": encoder.pooling}
+        )
 
 
 def load_encoder_weights(encoder: Encoder, path: str | Path) -> None:

@@ -1,0 +1,136 @@
+"""Encoder, COLA head and loss, classifier: shapes, hand computations, strict and safe loading."""
+
+import pickle
+
+import pytest
+import torch
+
+from cola_audio import training
+from cola_audio.models.classifier import GenreClassifier, clip_logits
+from cola_audio.models.cola import ColaModule, similarity_logits
+from cola_audio.models.encoder import (
+    EMBED_DIM,
+    Encoder,
+    StateDictMismatch,
+    load_encoder_weights,
+    save_encoder,
+    standardize_crops,
+)
+
+
+@pytest.mark.parametrize("frames", [32, 98, 150, 301])
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+def test_encoder_output_shape(frames, pooling):
+    enc = Encoder(pooling).eval()
+    with torch.no_grad():
+        out = enc(torch.randn(2, frames, 64))
+    assert out.shape == (2, EMBED_DIM)
+
+
+def test_encoder_rejects_wrong_rank():
+    with pytest.raises(ValueError, match=r"\(batch, frames, mels\)"):
+        Encoder()(torch.randn(2, 1, 98, 64))
+
+
+def test_crop_standardisation_removes_waveform_gain():
+    x = torch.randn(3, 98, 64)
+    assert torch.allclose(standardize_crops(x), standardize_crops(x + 4.2), atol=1e-5)
+
+
+def test_bilinear_logits_match_a_hand_computation():
+    a = torch.tensor([[1.0, 0.0], [0.5, -1.0]])
+    p = torch.tensor([[0.0, 2.0], [1.0, 1.0], [-1.0, 0.5]])
+    w = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    logits = similarity_logits(a, p, w, temperature=1.0)
+    expected = torch.empty(2, 3)
+    for i in range(2):
+        for j in range(3):
+            expected[i, j] = sum(a[i, k] * w[k, m] * p[j, m] for k in range(2) for m in range(2))
+    assert torch.allclose(logits, expected)
+    cos = similarity_logits(a, p, None, temperature=0.5)
+    assert torch.isclose(cos[0, 0], torch.tensor(0.0 / 0.5))
+    assert torch.isclose(cos[0, 1], torch.tensor((1 / 2**0.5) / 0.5))
+
+
+def test_contrastive_loss_decreases_when_overfitting_a_tiny_batch():
+    torch.manual_seed(0)
+    model = ColaModule(similarity="cosine", temperature=0.1, dropout=0.0, lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    anchors, positives = torch.randn(8, 64, 64), torch.randn(8, 64, 64)
+    positives = anchors + 0.1 * positives  # views that share content
+    model.train()
+    losses = []
+    for _ in range(12):
+        loss, _, logits = model.contrastive_step(anchors, positives)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert logits.shape == (8, 8)
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_clip_logits_average_windows_per_clip():
+    window_logits = torch.tensor([[1.0, 0.0], [3.0, 2.0], [0.0, 5.0]])
+    clip = torch.tensor([0, 0, 1])
+    assert torch.equal(clip_logits(window_logits, clip, 2), torch.tensor([[2.0, 1.0], [0.0, 5.0]]))
+
+
+def test_strict_loading_names_missing_and_unexpected_keys(tmp_path):
+    enc = Encoder()
+    path = tmp_path / "encoder.safetensors"
+    save_encoder(enc, path)
+    fresh = Encoder()
+    load_encoder_weights(fresh, path)
+    for key, value in enc.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value)
+
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path))
+    state.pop("net._conv_stem.weight")
+    state["net.extra.weight"] = torch.zeros(1)
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(StateDictMismatch) as info:
+        load_encoder_weights(Encoder(), tmp_path / "bad.safetensors")
+    assert "missing keys [net._conv_stem.weight]" in str(info.value)
+    assert "unexpected keys [net.extra.weight]" in str(info.value)
+
+
+def test_loading_a_seed_style_encoder_with_other_keys_fails(tmp_path):
+    """The seed's encoder had `cnn1` and `efficientnet.` keys; strict loading must refuse it."""
+    from safetensors.torch import save_file
+
+    seed_like = {f"efficientnet.{k[4:]}": v.contiguous() for k, v in Encoder().state_dict().items()}
+    seed_like["cnn1.weight"] = torch.zeros(3, 1, 3, 3)
+    save_file(seed_like, str(tmp_path / "seed.safetensors"))
+    with pytest.raises(StateDictMismatch, match="cnn1.weight"):
+        load_encoder_weights(Encoder(), tmp_path / "seed.safetensors")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_a_checkpoint_holding_a_malicious_pickle_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _Exploit()}, path, pickle_protocol=2)
+    with pytest.raises(training.UnsafeCheckpoint, match="refusing to load"):
+        training.safe_load(path)
+    assert "pwned" not in capsys.readouterr().out
+    with open(path, "rb") as fh:  # the file really does carry a callable
+        assert b"print" in fh.read() or pickle.HIGHEST_PROTOCOL
+
+
+def test_hyperparameters_are_plain_values():
+    model = GenreClassifier(n_classes=8, init="pretrained", mode="linear")
+    for value in model.hparams.values():
+        assert isinstance(value, (int, float, str, bool)), value
+
+
+def test_lr_schedule_warms_up_then_decays():
+    f = training.lr_lambda("cosine", warmup_steps=4, total_steps=20)
+    assert f(0) == 0.25 and f(3) == 1.0
+    assert f(4) == pytest.approx(1.0) and f(12) == pytest.approx(0.5) and f(20) == pytest.approx(0)
+    assert training.lr_lambda("constant", 0, 20)(15) == 1.0
