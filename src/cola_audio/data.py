@@ -1,7 +1,7 @@
 """Datasets and LightningDataModules over the memory-mapped feature store.
 
 A crop is a slice of a memory map: no whole-clip reads, no per-frame Python loops. Randomness comes
-from torch's generator, which Lightning seeds per worker, so two runs with one seed see the same crops.
+from torch's generator, which Lightning seeds per worker: two runs with one seed see the same crops.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from cola_audio import fsutil, training
 from cola_audio.data import GenreData
 from cola_audio.models.classifier import GenreClassifier

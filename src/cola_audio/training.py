@@ -1,4 +1,4 @@
-"""What pretraining and fine-tuning share: Trainer from params, seeding, safe checkpoints, resume."""
+"""What pretraining and fine-tuning share: Trainer from params, seeds, safe checkpoints, resume."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def resolve_precision(trainer_cfg: dict[str, Any]) -> str:
 
 
 def fingerprint(*paths: Path) -> str:
-    """SHA1 over small input files (indexes, metadata): a checkpoint resumes only on the same data."""
+    """SHA1 over small input files (indexes, metadata): resume only on the same data."""
     digest = hashlib.sha1()
     for path in paths:
         digest.update(Path(path).read_bytes())
