@@ -1,0 +1,74 @@
+"""Both orchestrators' views of the pipeline as plain data, for the drift test and the e2e tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+Stage = dict[str, Any]
+
+
+@contextlib.contextmanager
+def _cwd(path: Path):
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def snakemake_stages(repo: Path) -> dict[str, Stage]:
+    """Every job of `snakemake --forceall`: name (rule@wildcard), command, inputs, outputs, params."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import DAGSettings, OutputSettings, ResourceSettings
+
+    stages: dict[str, Stage] = {}
+    with _cwd(repo), SnakemakeApi(OutputSettings(quiet={"all"})) as api:
+        wf_api = api.workflow(
+            resource_settings=ResourceSettings(cores=1),
+            snakefile=Path("Snakefile"),
+            workdir=Path("."),
+        )
+        dag_api = wf_api.dag(dag_settings=DAGSettings(forceall=True))
+        wf = wf_api._workflow  # the public API prints DAGs but does not return them
+        wf.dag_settings = dag_api.dag_settings
+        wf._prepare_dag(forceall=True, ignore_incomplete=True, lock_warn_only=True, nolock=True)
+        built = wf._build_dag()
+        if asyncio.iscoroutine(built):
+            asyncio.run(built)
+        for job in wf.dag.jobs:
+            if job.rule.name == "all":
+                continue
+            wildcards = list(dict(job.wildcards).values())
+            name = job.rule.name + (f"@{wildcards[0]}" if wildcards else "")
+            stages[name] = {
+                "cmd": re.sub(r"\s*>\s*\S+\s+2>&1$", "", job.shellcmd.strip()),
+                "deps": sorted(str(f) for f in job.input),
+                "outs": sorted(str(f) for f in job.output),
+                "params": sorted(job.params.keys()),
+            }
+    return stages
+
+
+def dvc_stages(repo: Path) -> dict[str, Stage]:
+    from dvc.repo import Repo
+
+    stages: dict[str, Stage] = {}
+    with Repo(str(repo)) as dvc_repo:
+        for stage in dvc_repo.index.stages:
+            params = sorted(
+                {p for dep in stage.deps if hasattr(dep, "params") for p in (dep.params or [])}
+            )
+            stages[stage.name] = {
+                "cmd": stage.cmd,
+                "deps": sorted(dep.def_path for dep in stage.deps if not hasattr(dep, "params")),
+                "outs": sorted(out.def_path for out in stage.outs if not out.persist),
+                "persist": sorted(out.def_path for out in stage.outs if out.persist),
+                "params": params,
+            }
+    return stages

@@ -1,0 +1,40 @@
+rule download:
+    """FMA archives (verified) or the embedded dataset, in the release's layout."""
+    input:
+        code("download", "synthetic", "fma"),
+    output:
+        directory("data/raw"),
+    params:
+        data=config["data"],
+    log:
+        "logs/download.log",
+    benchmark:
+        "logs/benchmarks/download.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=2000,
+    shell:
+        "cola --params {PARAMS} download > {log} 2>&1"
+
+
+rule prepare:
+    """Metadata JSON: official split, stable label ids, leakage-free pretraining set."""
+    input:
+        code("prepare", "fma"),
+        "data/raw",
+    output:
+        "data/meta/labels.json",
+        "data/meta/finetune.json",
+        "data/meta/pretrain.json",
+    params:
+        data=config["data"],
+        prepare=config["prepare"],
+    log:
+        "logs/prepare.log",
+    benchmark:
+        "logs/benchmarks/prepare.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+    shell:
+        "cola --params {PARAMS} prepare > {log} 2>&1"

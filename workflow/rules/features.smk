@@ -1,0 +1,44 @@
+rule featurize_shard:
+    """One shard of the log-mel store; shards run as parallel jobs (or cluster jobs)."""
+    input:
+        code("featurize", "frontend"),
+        "data/raw",
+        "data/meta/finetune.json",
+        "data/meta/pretrain.json",
+    output:
+        "data/features/shards/{shard}.npy",
+        "data/features/shards/{shard}.json",
+    params:
+        features=config["features"],
+    log:
+        "logs/featurize/{shard}.log",
+    benchmark:
+        "logs/benchmarks/featurize_{shard}.tsv"
+    threads: max(1, config["features"]["workers"])
+    resources:
+        mem_mb=4000,
+    shell:
+        "cola --params {PARAMS} featurize --shard {wildcards.shard} > {log} 2>&1"
+
+
+rule featurize_gather:
+    """Join shard indexes; fail past the skipped-clip threshold, naming the files."""
+    input:
+        code("featurize"),
+        shard_outputs("npy"),
+        shard_outputs("json"),
+    output:
+        "data/features/index.csv",
+        "data/features/skipped.csv",
+        "data/features/summary.json",
+    params:
+        features=config["features"],
+    log:
+        "logs/featurize/gather.log",
+    benchmark:
+        "logs/benchmarks/featurize_gather.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    shell:
+        "cola --params {PARAMS} featurize --gather > {log} 2>&1"

@@ -1,0 +1,29 @@
+rule pretrain:
+    """COLA contrastive pretraining; on a GPU when the executor grants one."""
+    input:
+        code("pretrain", "training", "data", "store", "models/cola", "models/encoder"),
+        shard_outputs("npy"),
+        "data/features/index.csv",
+        "data/features/summary.json",
+        "data/meta/pretrain.json",
+    output:
+        "models/pretrain/encoder.safetensors",
+        report(
+            "models/pretrain/curve.csv",
+            caption="../report/pretrain_curve.rst",
+            category="Pretraining",
+        ),
+        "models/pretrain/summary.json",
+    params:
+        pretrain=config["pretrain"],
+    log:
+        "logs/pretrain.log",
+    benchmark:
+        "logs/benchmarks/pretrain.tsv"
+    threads: workflow.cores
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=720,
+    shell:
+        "cola --params {PARAMS} pretrain > {log} 2>&1"

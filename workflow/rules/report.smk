@@ -1,0 +1,32 @@
+rule report:
+    """Results table with the published numbers beside ours, curves, confusion, provenance."""
+    input:
+        code("report"),
+        expand("models/finetune/{run}/metrics.json", run=sorted(RUNS)),
+        "models/pretrain/curve.csv",
+        "models/pretrain/summary.json",
+        "models/pretrain/encoder.safetensors",
+        "data/features/summary.json",
+        "data/features/skipped.csv",
+        "data/meta/labels.json",
+    output:
+        report("reports/report.md", caption="../report/report.rst", category="Results"),
+        report("reports/report.html", caption="../report/report.rst", category="Results"),
+        "reports/results.json",
+        report(
+            directory("reports/figures"),
+            patterns=["{name}.png"],
+            caption="../report/figures.rst",
+            category="Figures",
+        ),
+    params:
+        report=config["report"],
+    log:
+        "logs/report.log",
+    benchmark:
+        "logs/benchmarks/report.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+    shell:
+        "cola --params {PARAMS} report > {log} 2>&1"
