@@ -2,9 +2,9 @@
 
 import pytest
 import yaml
+from dag import dvc_stages, snakemake_stages
 
 from conftest import REPO
-from dag import dvc_stages, snakemake_stages
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,6 +64,12 @@ def _report(args: argparse.Namespace, params: dict) -> None:
     report.run(params, params_path=args.params, out_dir=args.out)
 
 
+def _adopt(args: argparse.Namespace, params: dict) -> None:
+    from cola_audio import adopt
+
+    adopt.run(params, dry_run=args.dry_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cola", description=__doc__)
     parser.add_argument(
@@ -107,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="results table, curves, confusion matrices, provenance")
     p.add_argument("--out", type=Path, default=Path("reports"))
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("adopt-dvc", help="after `dvc pull`: mark DVC-verified outputs up to date "
+                       "for Snakemake, so nothing is retrained")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be adopted")
+    p.set_defaults(func=_adopt)
     return parser
 
 
@@ -122,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except params_mod.ParamsError as exc:
         print(f"cola {args.stage}: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError,
+            subprocess.CalledProcessError) as exc:
         print(f"cola {args.stage}: error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -3,7 +3,6 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-
 validate(config, schema="../schemas/params.schema.yaml")
 
 PARAMS = "params.yaml"

@@ -4,8 +4,6 @@ rule download:
         code("download", "synthetic", "fma"),
     output:
         directory("data/raw"),
-    params:
-        data=config["data"],
     log:
         "logs/download.log",
     benchmark:
@@ -13,6 +11,8 @@ rule download:
     threads: workflow.cores
     resources:
         mem_mb=2000,
+    params:
+        data=config["data"],
     shell:
         "cola --params {PARAMS} download > {log} 2>&1"
 
@@ -26,9 +26,6 @@ rule prepare:
         "data/meta/labels.json",
         "data/meta/finetune.json",
         "data/meta/pretrain.json",
-    params:
-        data=config["data"],
-        prepare=config["prepare"],
     log:
         "logs/prepare.log",
     benchmark:
@@ -36,5 +33,8 @@ rule prepare:
     threads: 1
     resources:
         mem_mb=2000,
+    params:
+        data=config["data"],
+        prepare=config["prepare"],
     shell:
         "cola --params {PARAMS} prepare > {log} 2>&1"

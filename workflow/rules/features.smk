@@ -8,8 +8,6 @@ rule featurize_shard:
     output:
         "data/features/shards/{shard}.npy",
         "data/features/shards/{shard}.json",
-    params:
-        features=config["features"],
     log:
         "logs/featurize/{shard}.log",
     benchmark:
@@ -17,6 +15,8 @@ rule featurize_shard:
     threads: max(1, config["features"]["workers"])
     resources:
         mem_mb=4000,
+    params:
+        features=config["features"],
     shell:
         "cola --params {PARAMS} featurize --shard {wildcards.shard} > {log} 2>&1"
 
@@ -31,8 +31,6 @@ rule featurize_gather:
         "data/features/index.csv",
         "data/features/skipped.csv",
         "data/features/summary.json",
-    params:
-        features=config["features"],
     log:
         "logs/featurize/gather.log",
     benchmark:
@@ -40,5 +38,7 @@ rule featurize_gather:
     threads: 1
     resources:
         mem_mb=1000,
+    params:
+        features=config["features"],
     shell:
         "cola --params {PARAMS} featurize --gather > {log} 2>&1"

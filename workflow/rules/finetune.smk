@@ -17,18 +17,18 @@ rule finetune_scratch:
         FINETUNE_DATA,
     output:
         finetune_outputs("{run}"),
-    params:
-        finetune=config["finetune"],
-    wildcard_constraints:
-        run="|".join(SCRATCH_RUNS) or "no-run",
     log:
         "logs/finetune/{run}.log",
     benchmark:
         "logs/benchmarks/finetune_{run}.tsv"
+    wildcard_constraints:
+        run="|".join(SCRATCH_RUNS) or "no-run",
     threads: workflow.cores
     resources:
         gpu=1,
         mem_mb=8000,
+    params:
+        finetune=config["finetune"],
     shell:
         "cola --params {PARAMS} finetune --run {wildcards.run} > {log} 2>&1"
 
@@ -41,17 +41,17 @@ rule finetune_pretrained:
         "models/pretrain/encoder.safetensors",
     output:
         finetune_outputs("{run}"),
-    params:
-        finetune=config["finetune"],
-    wildcard_constraints:
-        run="|".join(PRETRAINED_RUNS) or "no-run",
     log:
         "logs/finetune/{run}.log",
     benchmark:
         "logs/benchmarks/finetune_{run}.tsv"
+    wildcard_constraints:
+        run="|".join(PRETRAINED_RUNS) or "no-run",
     threads: workflow.cores
     resources:
         gpu=1,
         mem_mb=8000,
+    params:
+        finetune=config["finetune"],
     shell:
         "cola --params {PARAMS} finetune --run {wildcards.run} > {log} 2>&1"

@@ -14,8 +14,6 @@ rule pretrain:
             category="Pretraining",
         ),
         "models/pretrain/summary.json",
-    params:
-        pretrain=config["pretrain"],
     log:
         "logs/pretrain.log",
     benchmark:
@@ -25,5 +23,7 @@ rule pretrain:
         gpu=1,
         mem_mb=16000,
         runtime=720,
+    params:
+        pretrain=config["pretrain"],
     shell:
         "cola --params {PARAMS} pretrain > {log} 2>&1"

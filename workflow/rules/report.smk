@@ -11,7 +11,9 @@ rule report:
         "data/meta/labels.json",
     output:
         report("reports/report.md", caption="../report/report.rst", category="Results"),
-        report("reports/report.html", caption="../report/report.rst", category="Results"),
+        report(
+            "reports/report.html", caption="../report/report.rst", category="Results"
+        ),
         "reports/results.json",
         report(
             directory("reports/figures"),
@@ -19,8 +21,6 @@ rule report:
             caption="../report/figures.rst",
             category="Figures",
         ),
-    params:
-        report=config["report"],
     log:
         "logs/report.log",
     benchmark:
@@ -28,5 +28,7 @@ rule report:
     threads: 1
     resources:
         mem_mb=2000,
+    params:
+        report=config["report"],
     shell:
         "cola --params {PARAMS} report > {log} 2>&1"
