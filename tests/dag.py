@@ -23,7 +23,7 @@ def _cwd(path: Path):
 
 
 def snakemake_stages(repo: Path) -> dict[str, Stage]:
-    """Each job of `snakemake --forceall`: name (rule@wildcard), command, inputs, outputs, params."""
+    """Each job of `snakemake --forceall`: rule@wildcard, command, inputs, outputs, params."""
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import DAGSettings, OutputSettings, ResourceSettings
 

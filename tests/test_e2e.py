@@ -21,12 +21,20 @@ pytestmark = pytest.mark.slow
 
 
 def sh(cmd: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+    )
     result = subprocess.run(cmd, shell=True, cwd=cwd, capture_output=True, text=True, env=env)
     if check and result.returncode != 0:
-        raise AssertionError(f"`{cmd}` failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
-                             f"{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"`{cmd}` failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+            f"{result.stderr[-4000:]}"
+        )
     return result
 
 
@@ -83,9 +91,12 @@ def test_finetune_param_edit_reruns_only_finetuning_and_report(work):
     params["finetune"]["lr"] = 5e-4
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh("dvc repro", repo).stdout
-    assert stages_run(out) == {"finetune_scratch@scratch-finetune",
-                               "finetune_pretrained@pretrained-finetune",
-                               "finetune_pretrained@pretrained-linear", "report"}
+    assert stages_run(out) == {
+        "finetune_scratch@scratch-finetune",
+        "finetune_pretrained@pretrained-finetune",
+        "finetune_pretrained@pretrained-linear",
+        "report",
+    }
 
 
 def test_featurize_param_edit_reruns_featurize_and_everything_after(work):
@@ -96,10 +107,15 @@ def test_featurize_param_edit_reruns_featurize_and_everything_after(work):
     out = sh("dvc repro", repo).stdout
     ran = stages_run(out)
     assert "download" not in ran and "prepare" not in ran
-    assert ran == {*(f"featurize_shard@{k:03d}" for k in range(4)), "featurize_gather",
-                   "pretrain", "finetune_scratch@scratch-finetune",
-                   "finetune_pretrained@pretrained-finetune",
-                   "finetune_pretrained@pretrained-linear", "report"}
+    assert ran == {
+        *(f"featurize_shard@{k:03d}" for k in range(4)),
+        "featurize_gather",
+        "pretrain",
+        "finetune_scratch@scratch-finetune",
+        "finetune_pretrained@pretrained-finetune",
+        "finetune_pretrained@pretrained-linear",
+        "report",
+    }
 
 
 def test_push_clone_pull_retrains_nothing(work):

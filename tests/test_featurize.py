@@ -62,8 +62,9 @@ def test_store_crops_read_the_right_frames(tiny_data):
 def test_rerun_is_byte_identical(tiny_data, tmp_path):
     p = tiny_data["params"]
     for shard in reversed(range(p["features"]["n_shards"])):  # any order, any worker count
-        featurize.run(p, shard=shard, meta_dir=tiny_data["meta"], out_dir=tmp_path,
-                      workers=1 + shard % 2)
+        featurize.run(
+            p, shard=shard, meta_dir=tiny_data["meta"], out_dir=tmp_path, workers=1 + shard % 2
+        )
     featurize.run(p, do_gather=True, meta_dir=tiny_data["meta"], out_dir=tmp_path)
     assert _digest(tmp_path) == _digest(tiny_data["features"])
 

@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 
 
 def dvc_changed_stages(repo: Path) -> set[str]:
-    out = subprocess.run(["dvc", "status", "--json"], cwd=repo, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["dvc", "status", "--json"], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout
     return {name.split(":")[-1] for name in json.loads(out or "{}")}
 
 
@@ -29,8 +30,9 @@ def dvc_stage_outs(repo: Path) -> dict[str, list[str]]:
     from dvc.repo import Repo
 
     with Repo(str(repo)) as dvc_repo:
-        return {s.name: [o.def_path for o in s.outs if not o.persist] for s in
-                dvc_repo.index.stages}
+        return {
+            s.name: [o.def_path for o in s.outs if not o.persist] for s in dvc_repo.index.stages
+        }
 
 
 def adoptable(stage_outs: dict[str, list[str]], changed: set[str]) -> tuple[list[str], list[str]]:
@@ -49,13 +51,24 @@ def run(params: dict[str, Any], repo: Path = Path("."), dry_run: bool = False) -
     rules, outs = adoptable(dvc_stage_outs(repo), changed)
     present = [o for o in outs if (repo / o).exists()]
     if changed:
-        log.info("left for Snakemake to rebuild (DVC reports changes): %s",
-                 ", ".join(sorted(changed)))
+        log.info(
+            "left for Snakemake to rebuild (DVC reports changes): %s", ", ".join(sorted(changed))
+        )
     if not present:
         log.info("nothing to adopt")
         return []
-    cmd = ["snakemake", "--touch", "--cores", "1", "--quiet", "all", "--allowed-rules", *rules,
-           "--", *present]
+    cmd = [
+        "snakemake",
+        "--touch",
+        "--cores",
+        "1",
+        "--quiet",
+        "all",
+        "--allowed-rules",
+        *rules,
+        "--",
+        *present,
+    ]
     log.info("adopting %d outputs of %s", len(present), ", ".join(rules))
     if not dry_run:
         subprocess.run(cmd, cwd=repo, check=True)

@@ -115,8 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("reports"))
     p.set_defaults(func=_report)
 
-    p = sub.add_parser("adopt-dvc", help="after `dvc pull`: mark DVC-verified outputs up to date "
-                       "for Snakemake, so nothing is retrained")
+    p = sub.add_parser(
+        "adopt-dvc",
+        help="after `dvc pull`: mark DVC-verified outputs up to date "
+        "for Snakemake, so nothing is retrained",
+    )
     p.add_argument("--dry-run", action="store_true", help="only list what would be adopted")
     p.set_defaults(func=_adopt)
     return parser
@@ -134,8 +137,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except params_mod.ParamsError as exc:
         print(f"cola {args.stage}: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError,
-            subprocess.CalledProcessError) as exc:
+    except (
+        FileNotFoundError,
+        ValueError,
+        KeyError,
+        RuntimeError,
+        OSError,
+        subprocess.CalledProcessError,
+    ) as exc:
         print(f"cola {args.stage}: error: {exc}", file=sys.stderr)
         return 1
     return 0

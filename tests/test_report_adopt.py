@@ -1,0 +1,51 @@
+"""Pure pieces of the report and of `cola adopt-dvc`."""
+
+import numpy as np
+import pytest
+
+from cola_audio import adopt, finetune, report
+
+
+def test_classification_metrics_by_hand():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    preds = np.array([0, 1, 1, 1, 2, 0])
+    m = finetune.classification_metrics(labels, preds, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert m["per_class_accuracy"] == {"a": 0.5, "b": 1.0, "c": 0.5}
+    f1 = [2 * 0.5 * 0.5 / 1.0, 2 * (2 / 3) * 1 / (2 / 3 + 1), 2 * 1 * 0.5 / 1.5]
+    assert m["macro_f1"] == pytest.approx(np.mean(f1))
+
+
+def test_results_table_has_the_baseline_and_published_numbers():
+    runs = {
+        "scratch-finetune": {
+            "init": "scratch",
+            "mode": "finetune",
+            "accuracy": 0.5,
+            "macro_f1": 0.4,
+            "n_test": 32,
+        }
+    }
+    table = report.results_table(runs, 8, {"random": 12.5, "scratch-finetune": 51.1})
+    assert list(table["run"]) == ["random", "scratch-finetune"]
+    assert table.loc[0, "accuracy"] == 0.125
+    assert list(table["published_accuracy"]) == [12.5, 51.1]
+
+
+def test_adoptable_takes_only_rules_whose_every_stage_is_up_to_date():
+    outs = {
+        "featurize_shard@000": ["s0"],
+        "featurize_shard@001": ["s1"],
+        "pretrain": ["enc"],
+        "finetune_pretrained@a": ["fa"],
+        "finetune_pretrained@b": ["fb"],
+        "report": ["r"],
+    }
+    rules, files = adopt.adoptable(outs, {"finetune_pretrained@b", "report"})
+    assert rules == ["featurize_shard", "pretrain"]
+    assert files == ["enc", "s0", "s1"]
+    assert adopt.adoptable(outs, set()) == (
+        sorted({"featurize_shard", "pretrain", "finetune_pretrained", "report"}),
+        sorted(["s0", "s1", "enc", "fa", "fb", "r"]),
+    )
