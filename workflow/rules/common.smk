@@ -5,7 +5,6 @@ from snakemake.utils import validate
 
 validate(config, schema="../schemas/params.schema.yaml")
 
-PARAMS = "params.yaml"
 SRC = "src/cola_audio"
 SHARDS = [f"{k:03d}" for k in range(config["features"]["n_shards"])]
 RUNS = config["finetune"]["runs"]

@@ -14,7 +14,7 @@ rule download:
     params:
         data=config["data"],
     shell:
-        "cola --params {PARAMS} download > {log} 2>&1"
+        "cola --params params.yaml download > {log} 2>&1"
 
 
 rule prepare:
@@ -37,4 +37,4 @@ rule prepare:
         data=config["data"],
         prepare=config["prepare"],
     shell:
-        "cola --params {PARAMS} prepare > {log} 2>&1"
+        "cola --params params.yaml prepare > {log} 2>&1"

@@ -18,7 +18,7 @@ rule featurize_shard:
     params:
         features=config["features"],
     shell:
-        "cola --params {PARAMS} featurize --shard {wildcards.shard} > {log} 2>&1"
+        "cola --params params.yaml featurize --shard {wildcards.shard} > {log} 2>&1"
 
 
 rule featurize_gather:
@@ -41,4 +41,4 @@ rule featurize_gather:
     params:
         features=config["features"],
     shell:
-        "cola --params {PARAMS} featurize --gather > {log} 2>&1"
+        "cola --params params.yaml featurize --gather > {log} 2>&1"

@@ -30,7 +30,7 @@ rule finetune_scratch:
     params:
         finetune=config["finetune"],
     shell:
-        "cola --params {PARAMS} finetune --run {wildcards.run} > {log} 2>&1"
+        "cola --params params.yaml finetune --run {wildcards.run} > {log} 2>&1"
 
 
 rule finetune_pretrained:
@@ -54,4 +54,4 @@ rule finetune_pretrained:
     params:
         finetune=config["finetune"],
     shell:
-        "cola --params {PARAMS} finetune --run {wildcards.run} > {log} 2>&1"
+        "cola --params params.yaml finetune --run {wildcards.run} > {log} 2>&1"

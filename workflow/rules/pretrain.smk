@@ -26,4 +26,4 @@ rule pretrain:
     params:
         pretrain=config["pretrain"],
     shell:
-        "cola --params {PARAMS} pretrain > {log} 2>&1"
+        "cola --params params.yaml pretrain > {log} 2>&1"

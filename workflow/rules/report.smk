@@ -31,4 +31,4 @@ rule report:
     params:
         report=config["report"],
     shell:
-        "cola --params {PARAMS} report > {log} 2>&1"
+        "cola --params params.yaml report > {log} 2>&1"
