@@ -8,7 +8,7 @@ rule download:
         "logs/download.log",
     benchmark:
         "logs/benchmarks/download.tsv"
-    threads: workflow.cores
+    threads: 8  # Snakemake caps this at --cores
     resources:
         mem_mb=2000,
     params:

@@ -12,7 +12,7 @@ rule featurize_shard:
         "logs/featurize/{shard}.log",
     benchmark:
         "logs/benchmarks/featurize_{shard}.tsv"
-    threads: max(1, config["features"]["workers"])
+    threads: config["features"]["workers"] or 8  # 0 = all cores: one shard job at a time
     resources:
         mem_mb=4000,
     params:

@@ -23,7 +23,7 @@ rule finetune_scratch:
         "logs/benchmarks/finetune_{run}.tsv"
     wildcard_constraints:
         run="|".join(SCRATCH_RUNS) or "no-run",
-    threads: workflow.cores
+    threads: 8  # Snakemake caps this at --cores
     resources:
         gpu=1,
         mem_mb=8000,
@@ -47,7 +47,7 @@ rule finetune_pretrained:
         "logs/benchmarks/finetune_{run}.tsv"
     wildcard_constraints:
         run="|".join(PRETRAINED_RUNS) or "no-run",
-    threads: workflow.cores
+    threads: 8  # Snakemake caps this at --cores
     resources:
         gpu=1,
         mem_mb=8000,

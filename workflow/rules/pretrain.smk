@@ -18,7 +18,7 @@ rule pretrain:
         "logs/pretrain.log",
     benchmark:
         "logs/benchmarks/pretrain.tsv"
-    threads: workflow.cores
+    threads: 8  # Snakemake caps this at --cores
     resources:
         gpu=1,
         mem_mb=16000,
