@@ -36,8 +36,12 @@ def fresh_copy(dest: Path) -> Path:
 def fma_large_metadata(repo: Path) -> None:
     """tracks.csv and data/meta/*.json for 106,574 tracks (8,000 small), as prepare writes them."""
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    cfg = dict(params["data"]["synthetic"], small_tracks_per_genre=1000,
-               large_only_tracks=106_574 - 8000, faulty_files=False)
+    cfg = dict(
+        params["data"]["synthetic"],
+        small_tracks_per_genre=1000,
+        large_only_tracks=106_574 - 8000,
+        faulty_files=False,
+    )
     tracks, _ = synthetic.plan_dataset(cfg)
     meta = repo / "data" / "raw" / "fma_metadata"
     meta.mkdir(parents=True, exist_ok=True)

@@ -150,3 +150,14 @@ def test_a_killed_shard_never_looks_complete(tiny_data, tmp_path, monkeypatch):
 def test_shard_out_of_range_is_refused(tiny_data):
     with pytest.raises(ValueError, match="n_shards = 4 allows 0..3"):
         featurize.run(tiny_data["params"], shard=4)
+
+
+def test_batched_crops_equal_single_crops(tiny_data):
+    store = FeatureStore(tiny_data["features"])
+    ids = store.track_ids[[0, 5, 9, 2, 5]]
+    lengths = store.lengths[[0, 5, 9, 2, 5]]
+    starts = np.array([0, 7, lengths[2] - 30, 3, lengths[4] - 1])
+    batch = store.crops(ids, starts, 60)
+    for row, (tid, start) in enumerate(zip(ids, starts, strict=True)):
+        assert np.array_equal(batch[row], store.crop(int(tid), int(start), 60))
+    assert np.all(batch[4, 1:] == store.pad_value)  # past the end: silence

@@ -137,6 +137,8 @@ def test_pretraining_resumes_from_the_saved_step(tiny_data, tmp_path):
     assert (tmp_path / "encoder.safetensors").is_file()
     curve = (tmp_path / "curve.csv").read_text().splitlines()
     assert curve[0].startswith("step,train_loss_step,train_acc_step,global_batch")
+    steps = [int(row.split(",")[0]) for row in curve[1:]]
+    assert min(steps) < 3 <= max(steps)  # the curve spans the kill: logs before it are kept
     # Other parameters: the old checkpoint is not reused.
     p["pretrain"]["lr"] = 5e-4
     assert pretrain.run(p, **kw)["resumed_from"] is None

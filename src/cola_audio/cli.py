@@ -70,6 +70,12 @@ def _adopt(args: argparse.Namespace, params: dict) -> None:
     adopt.run(params, dry_run=args.dry_run)
 
 
+def _dvc_commit(args: argparse.Namespace, params: dict) -> None:
+    from cola_audio import dvc_commit
+
+    dvc_commit.run()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cola", description=__doc__)
     parser.add_argument(
@@ -122,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="only list what would be adopted")
     p.set_defaults(func=_adopt)
+
+    p = sub.add_parser(
+        "dvc-commit",
+        help="`dvc commit` that keeps output mtimes, so Snakemake "
+        "does not rebuild afterwards (run by the Snakefile on success)",
+    )
+    p.set_defaults(func=_dvc_commit)
     return parser
 
 

@@ -25,6 +25,12 @@ def random_start(frames: int, crop: int) -> int:
     return int(torch.randint(0, max(1, frames - crop + 1), ()).item())
 
 
+def random_starts(frames: np.ndarray, crop: int) -> np.ndarray:
+    """One uniform start per clip in [0, frames - crop], from torch's seeded generator."""
+    span = torch.from_numpy(np.maximum(frames - crop, 0) + 1)
+    return (torch.rand(len(frames), dtype=torch.float64) * span).long().numpy()
+
+
 class PretrainViews(Dataset):
     """Two independent random crops of one clip: anchor and positive."""
 
@@ -32,6 +38,18 @@ class PretrainViews(Dataset):
         self.store, self.track_ids, self.crop = store, track_ids, crop_frames
         self.lengths = [store.frames(t) for t in track_ids]
         self.n_padded = sum(n < crop_frames for n in self.lengths)
+        self._ids, self._lengths = np.asarray(track_ids), np.asarray(self.lengths)
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A whole batch in two vectorised reads (the DataLoader calls this when it exists)."""
+        ids, lengths = self._ids[indices], self._lengths[indices]
+        anchors = torch.from_numpy(
+            self.store.crops(ids, random_starts(lengths, self.crop), self.crop)
+        )
+        positives = torch.from_numpy(
+            self.store.crops(ids, random_starts(lengths, self.crop), self.crop)
+        )
+        return list(zip(anchors, positives, strict=True))
 
     def __len__(self) -> int:
         return len(self.track_ids)
@@ -49,6 +67,15 @@ class LabelledCrops(Dataset):
     def __init__(self, store: FeatureStore, tracks: list[dict[str, Any]], crop_frames: int) -> None:
         self.store, self.tracks, self.crop = store, tracks, crop_frames
         self.lengths = [store.frames(t["track_id"]) for t in tracks]
+        self._ids = np.asarray([t["track_id"] for t in tracks])
+        self._labels = [t["label"] for t in tracks]
+        self._lengths = np.asarray(self.lengths)
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        crops = self.store.crops(
+            self._ids[indices], random_starts(self._lengths[indices], self.crop), self.crop
+        )
+        return [(torch.from_numpy(c), self._labels[i]) for c, i in zip(crops, indices, strict=True)]
 
     def __len__(self) -> int:
         return len(self.tracks)

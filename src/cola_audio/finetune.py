@@ -94,11 +94,12 @@ def run(
     )
     if spec["init"] == "pretrained":
         load_encoder_weights(model.encoder, encoder)
+    resume = training.resumable(out / "checkpoints" / "last.ckpt", dict(model.hparams))
+    training.prepare_logs(out, resume)
     best_cb, checkpoints = training.checkpoint_callbacks(out, "val_acc", "max")
     trainer = training.make_trainer(
         cfg, out, [*checkpoints, *(callbacks or [])], **trainer_overrides
     )
-    resume = training.resumable(out / "checkpoints" / "last.ckpt", dict(model.hparams))
     trainer.fit(model, data, ckpt_path=resume, weights_only=True)
 
     # Model selection on validation accuracy; the test set is scored once, with that model.

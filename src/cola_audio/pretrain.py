@@ -46,11 +46,12 @@ def run(
     data.setup()
     fp = training.fingerprint(Path(features) / "index.csv", Path(meta_dir) / "pretrain.json")
     model = ColaModule(**{k: cfg[k] for k in HPARAM_KEYS}, data_fingerprint=fp)
+    resume = training.resumable(out_dir / "checkpoints" / "last.ckpt", dict(model.hparams))
+    training.prepare_logs(out_dir, resume)
     _, checkpoints = training.checkpoint_callbacks(out_dir, "train_loss_epoch", "min")
     trainer = training.make_trainer(
         cfg, out_dir, [*checkpoints, *(callbacks or [])], **trainer_overrides
     )
-    resume = training.resumable(out_dir / "checkpoints" / "last.ckpt", dict(model.hparams))
     start = time.perf_counter()
     trainer.fit(model, data, ckpt_path=resume, weights_only=True)
     wall = time.perf_counter() - start

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import pickle
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -208,9 +209,34 @@ def seed_everything(seed: int) -> None:
     pl.seed_everything(seed, workers=True, verbose=False)
 
 
+EARLIER_METRICS = "metrics-before-resume.csv"
+
+
+def prepare_logs(out_dir: Path, resume: Path | None) -> None:
+    """Keep the metrics of an interrupted run when resuming it; start clean otherwise.
+
+    Lightning's CSVLogger deletes an existing metrics.csv, which would cut the curve at the resume
+    point (or leave no curve at all when resuming a finished run).
+    """
+    logs = Path(out_dir) / "logs"
+    if resume is None:
+        shutil.rmtree(logs, ignore_errors=True)
+        return
+    current, earlier = logs / "metrics.csv", logs / EARLIER_METRICS
+    if current.is_file():
+        frames = [pd.read_csv(p) for p in (earlier, current) if p.is_file()]
+        with fsutil.atomic_path(earlier) as tmp:
+            pd.concat(frames, ignore_index=True).to_csv(tmp, index=False)
+        current.unlink()
+
+
 def export_curve(out_dir: Path, columns: list[str], dest: Path, x: str = "step") -> pd.DataFrame:
     """Lightning's sparse metrics.csv → one clean CSV per curve for DVC plots and the report."""
-    metrics = pd.read_csv(out_dir / "logs" / "metrics.csv")
+    logs = Path(out_dir) / "logs"
+    parts = [pd.read_csv(p) for p in (logs / EARLIER_METRICS, logs / "metrics.csv") if p.is_file()]
+    if not parts:
+        raise FileNotFoundError(f"{logs}: no metrics.csv; the run logged nothing")
+    metrics = pd.concat(parts, ignore_index=True)
     present = [c for c in columns if c in metrics.columns]
     curve = metrics[[x, *present]].dropna(subset=present, how="all")
     curve = curve.groupby(x, as_index=False).first()

@@ -41,4 +41,4 @@ def get_final_output():
 onsuccess:
     # Record what Snakemake built in dvc.lock, so `dvc status` is clean and `dvc push` shares it.
     if Path(".dvc").is_dir():
-        shell("dvc commit --force --quiet")
+        shell("cola dvc-commit")
