@@ -41,6 +41,17 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
     return factor
 
 
+def adam_with_schedule(module: pl.LightningModule, params: Any, lr: float) -> dict[str, Any]:
+    """Adam plus the warm-up/decay schedule from the module's hparams, stepped every batch."""
+    hp = module.hparams
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=hp.weight_decay)
+    total = int(module.trainer.estimated_stepping_batches)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(hp.lr_schedule, hp.warmup_steps, total)
+    )
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 def resolve_precision(trainer_cfg: dict[str, Any]) -> str:
     """auto: bf16-mixed where a GPU will be used, 32-true on CPU."""
     precision = str(trainer_cfg["precision"])

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cola_audio.models.encoder import EMBED_DIM, Encoder
-from cola_audio.training import lr_lambda
+from cola_audio.training import adam_with_schedule
 
 
 def clip_logits(window_logits: torch.Tensor, clip: torch.Tensor, n_clips: int) -> torch.Tensor:
@@ -129,11 +129,6 @@ class GenreClassifier(pl.LightningModule):
         }
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = self.head.parameters() if self.linear else self.parameters()
-        lr = self.hparams.linear_lr if self.linear else self.hparams.lr
-        opt = torch.optim.Adam(params, lr=lr, weight_decay=self.hparams.weight_decay)
-        total = int(self.trainer.estimated_stepping_batches)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(self.hparams.lr_schedule, self.hparams.warmup_steps, total)
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        if self.linear:
+            return adam_with_schedule(self, self.head.parameters(), self.hparams.linear_lr)
+        return adam_with_schedule(self, self.parameters(), self.hparams.lr)

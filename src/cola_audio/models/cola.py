@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cola_audio.models.encoder import EMBED_DIM, Encoder
-from cola_audio.training import lr_lambda
+from cola_audio.training import adam_with_schedule
 
 
 class ColaHead(torch.nn.Module):
@@ -113,11 +113,4 @@ class ColaModule(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
-        opt = torch.optim.Adam(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
-        )
-        total = int(self.trainer.estimated_stepping_batches)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(self.hparams.lr_schedule, self.hparams.warmup_steps, total)
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adam_with_schedule(self, self.parameters(), self.hparams.lr)
