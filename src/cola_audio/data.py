@@ -144,7 +144,9 @@ def _loader(
     )
 
 
-class PretrainData(pl.LightningDataModule):
+class StoreData(pl.LightningDataModule):
+    """What both data modules read: the feature store and the metadata JSON, with loader knobs."""
+
     def __init__(
         self,
         features: Path,
@@ -158,8 +160,11 @@ class PretrainData(pl.LightningDataModule):
         self.features, self.meta_dir = Path(features), Path(meta_dir)
         self.crop_frames, self.batch_size = crop_frames, batch_size
         self.num_workers, self.seed = num_workers, seed
-        self.dataset: PretrainViews | None = None
-        self.n_missing = 0
+
+
+class PretrainData(StoreData):
+    dataset: PretrainViews | None = None  # built by setup()
+    n_missing = 0  # listed for pretraining but skipped at featurization
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
@@ -188,7 +193,7 @@ class PretrainData(pl.LightningDataModule):
         return _loader(self.dataset, batch, True, self.num_workers, self.seed, drop_last=True)
 
 
-class GenreData(pl.LightningDataModule):
+class GenreData(StoreData):
     def __init__(
         self,
         features: Path,
@@ -199,10 +204,8 @@ class GenreData(pl.LightningDataModule):
         num_workers: int,
         seed: int,
     ) -> None:
-        super().__init__()
-        self.features, self.meta_dir = Path(features), Path(meta_dir)
-        self.crop_frames, self.batch_size = crop_frames, batch_size
-        self.eval_batch_size, self.num_workers, self.seed = eval_batch_size, num_workers, seed
+        super().__init__(features, meta_dir, crop_frames, batch_size, num_workers, seed)
+        self.eval_batch_size = eval_batch_size
         self.splits: dict[str, list[dict[str, Any]]] = {}
         self.missing: dict[str, int] = {}
         self.genres: list[str] = []
