@@ -131,7 +131,11 @@ def featurize_shard(
     n_workers = _workers(workers)
     jobs = [(tid, path, features) for tid, path in mine]
     with tempfile.TemporaryFile(dir=npy_path.parent, prefix=".raw-") as raw:
-        pool = ProcessPoolExecutor(n_workers) if n_workers > 1 else None
+        pool = (
+            ProcessPoolExecutor(n_workers, initializer=fsutil.one_thread_per_process)
+            if n_workers > 1
+            else None
+        )
         try:
             results = (
                 pool.map(_featurize_star, jobs, chunksize=4) if pool else map(_featurize_star, jobs)

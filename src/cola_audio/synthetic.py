@@ -487,7 +487,7 @@ def generate(
         shutil.rmtree(root / folder, ignore_errors=True)
     sums: dict[str, dict[str, str]] = {folder: {} for folder in folders}
     n_workers = workers or None
-    with ProcessPoolExecutor(max_workers=n_workers) as pool:
+    with ProcessPoolExecutor(n_workers, initializer=fsutil.one_thread_per_process) as pool:
         blobs = pool.map(render_track, plans, chunksize=4)
         for plan, data in tqdm(
             zip(plans, blobs, strict=True),
