@@ -185,3 +185,20 @@ def test_bf16_pretraining_on_gpu(tiny_data, tmp_path):
         p, features=tiny_data["features"], meta_dir=tiny_data["meta"], out_dir=tmp_path
     )
     assert summary["precision"] == "bf16-mixed"
+
+
+def test_fingerprint_covers_inputs_and_code(tmp_path, monkeypatch):
+    from cola_audio import training
+
+    data = tmp_path / "index.csv"
+    data.write_text("a")
+    before = training.fingerprint(data)
+    data.write_text("b")
+    assert training.fingerprint(data) != before
+    code = tmp_path / "pkg"
+    code.mkdir()
+    (code / "module.py").write_text("x = 1")
+    monkeypatch.setattr(training, "__file__", str(code / "training.py"))
+    first = training.fingerprint(data)
+    (code / "module.py").write_text("x = 2")
+    assert training.fingerprint(data) != first

@@ -90,7 +90,7 @@ def run(
         init=spec["init"],
         mode=spec["mode"],
         **{k: cfg[k] for k in HPARAM_KEYS},
-        data_fingerprint=training.fingerprint(*inputs),
+        inputs_fingerprint=training.fingerprint(*inputs),
     )
     if spec["init"] == "pretrained":
         load_encoder_weights(model.encoder, encoder)

@@ -45,7 +45,7 @@ def run(
     )
     data.setup()
     fp = training.fingerprint(Path(features) / "index.csv", Path(meta_dir) / "pretrain.json")
-    model = ColaModule(**{k: cfg[k] for k in HPARAM_KEYS}, data_fingerprint=fp)
+    model = ColaModule(**{k: cfg[k] for k in HPARAM_KEYS}, inputs_fingerprint=fp)
     resume = training.resumable(out_dir / "checkpoints" / "last.ckpt", dict(model.hparams))
     training.prepare_logs(out_dir, resume)
     _, checkpoints = training.checkpoint_callbacks(out_dir, "train_loss_epoch", "min")
@@ -67,7 +67,7 @@ def run(
         "devices": trainer.world_size,
         "wall_seconds": round(wall, 2),
         "final": {k: round(float(v), 5) for k, v in trainer.callback_metrics.items()},
-        "data_fingerprint": fp,
+        "inputs_fingerprint": fp,
         "resumed_from": str(resume) if resume else None,
     }
     if trainer.is_global_zero:

@@ -64,9 +64,11 @@ def resolve_precision(trainer_cfg: dict[str, Any]) -> str:
 
 
 def fingerprint(*paths: Path) -> str:
-    """SHA1 over small input files (indexes, metadata): resume only on the same data."""
+    """SHA1 over the inputs and the package's own source: a checkpoint resumes only when data and
+    code are the same, so an edited model or loader never continues an old run."""
+    package = sorted(Path(__file__).resolve().parent.rglob("*.py"))
     digest = hashlib.sha1()
-    for path in paths:
+    for path in [*paths, *package]:
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()[:16]
 

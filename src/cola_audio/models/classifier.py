@@ -36,7 +36,7 @@ class GenreClassifier(pl.LightningModule):
         weight_decay: float = 0.0,
         lr_schedule: str = "cosine",
         warmup_steps: int = 0,
-        data_fingerprint: str = "",
+        inputs_fingerprint: str = "",
     ) -> None:
         super().__init__()
         if mode not in ("finetune", "linear"):

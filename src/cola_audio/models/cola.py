@@ -51,7 +51,7 @@ class ColaModule(pl.LightningModule):
         weight_decay: float = 0.0,
         lr_schedule: str = "cosine",
         warmup_steps: int = 0,
-        data_fingerprint: str = "",
+        inputs_fingerprint: str = "",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # plain values only: checkpoints load with weights_only=True
