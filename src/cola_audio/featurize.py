@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import soundfile as sf
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from cola_audio import fsutil
@@ -130,7 +131,9 @@ def featurize_shard(
     offset = 0
     n_workers = _workers(workers)
     jobs = [(tid, path, features) for tid, path in mine]
-    with tempfile.TemporaryFile(dir=npy_path.parent, prefix=".raw-") as raw:
+    # One BLAS thread everywhere (here and in pool workers): a multi-threaded matrix product sums
+    # in another order, and the shard's bytes would depend on the worker count.
+    with tempfile.TemporaryFile(dir=npy_path.parent, prefix=".raw-") as raw, threadpool_limits(1):
         pool = (
             ProcessPoolExecutor(n_workers, initializer=fsutil.one_thread_per_process)
             if n_workers > 1
