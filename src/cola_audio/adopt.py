@@ -26,12 +26,14 @@ def dvc_changed_stages(repo: Path) -> set[str]:
     return {name.split(":")[-1] for name in json.loads(out or "{}")}
 
 
-def dvc_stage_outs(repo: Path) -> dict[str, list[str]]:
+def dvc_stage_outs(repo: Path, persist: bool = False) -> dict[str, list[str]]:
+    """Each dvc.yaml stage's output paths; `persist` outputs (checkpoints) only when asked."""
     from dvc.repo import Repo
 
     with Repo(str(repo)) as dvc_repo:
         return {
-            s.name: [o.def_path for o in s.outs if not o.persist] for s in dvc_repo.index.stages
+            s.name: [o.def_path for o in s.outs if persist or not o.persist]
+            for s in dvc_repo.index.stages
         }
 
 

@@ -21,10 +21,6 @@ from cola_audio.store import FeatureStore
 log = logging.getLogger(__name__)
 
 
-def random_start(frames: int, crop: int) -> int:
-    return int(torch.randint(0, max(1, frames - crop + 1), ()).item())
-
-
 def random_starts(frames: np.ndarray, crop: int) -> np.ndarray:
     """One uniform start per clip in [0, frames - crop], from torch's seeded generator."""
     span = torch.from_numpy(np.maximum(frames - crop, 0) + 1)
@@ -55,10 +51,7 @@ class PretrainViews(Dataset):
         return len(self.track_ids)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        tid, n = self.track_ids[i], self.lengths[i]
-        a = self.store.crop(tid, random_start(n, self.crop), self.crop)
-        p = self.store.crop(tid, random_start(n, self.crop), self.crop)
-        return torch.from_numpy(a), torch.from_numpy(p)
+        return self.__getitems__([i])[0]
 
 
 class LabelledCrops(Dataset):
@@ -81,9 +74,7 @@ class LabelledCrops(Dataset):
         return len(self.tracks)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        track = self.tracks[i]
-        x = self.store.crop(track["track_id"], random_start(self.lengths[i], self.crop), self.crop)
-        return torch.from_numpy(x), track["label"]
+        return self.__getitems__([i])[0]
 
 
 def window_starts(frames: int, crop: int) -> list[int]:

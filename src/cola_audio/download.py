@@ -40,11 +40,8 @@ class UnsafeArchiveError(DownloadError):
 
 
 def sha1_file(path: Path) -> str:
-    digest = hashlib.sha1()
     with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha1").hexdigest()
 
 
 def _move_aside(path: Path, why: str) -> Path:

@@ -40,10 +40,11 @@ def restore(times: dict[Path, int]) -> None:
 
 
 def run(repo: Path = Path(".")) -> int:
-    from dvc.repo import Repo
+    from cola_audio.adopt import dvc_stage_outs
 
-    with Repo(str(repo)) as dvc_repo:
-        outs = sorted({Path(repo) / o.def_path for s in dvc_repo.index.stages for o in s.outs})
+    outs = sorted(
+        {Path(repo) / o for paths in dvc_stage_outs(repo, persist=True).values() for o in paths}
+    )
     times = snapshot(outs)
     subprocess.run(["dvc", "commit", "--force", "--quiet"], cwd=repo, check=True)
     restore(times)

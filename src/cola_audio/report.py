@@ -30,11 +30,8 @@ log = logging.getLogger(__name__)
 
 def md5_file(path: Path) -> str:
     """The hash DVC records for a file output."""
-    digest = hashlib.md5()
     with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "md5").hexdigest()
 
 
 def params_hash(params: dict[str, Any]) -> str:

@@ -180,11 +180,15 @@ class PreciseBatchNorm(pl.Callback):
 
     def __init__(self, n_batches: int) -> None:
         self.n_batches = n_batches
+        self.fresh_at_step = -1  # global step the statistics were last recomputed at
 
     @torch.no_grad()
     def recompute(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if not self.n_batches or trainer.datamodule is None:
             return
+        if trainer.global_step == self.fresh_at_step:  # no weight changed since: same result
+            return
+        self.fresh_at_step = trainer.global_step
         was_training = module.training
         module.train()
         norms = [
