@@ -161,3 +161,49 @@ def test_batched_crops_equal_single_crops(tiny_data):
     for row, (tid, start) in enumerate(zip(ids, starts, strict=True)):
         assert np.array_equal(batch[row], store.crop(int(tid), int(start), 60))
     assert np.all(batch[4, 1:] == store.pad_value)  # past the end: silence
+
+
+FEATURIZE_IN_SUBPROCESS = """
+import sys
+from pathlib import Path
+import yaml
+from cola_audio import featurize
+params = yaml.safe_load(Path(sys.argv[1]).read_text())
+featurize.run(params, workers=int(sys.argv[4]), meta_dir=Path(sys.argv[2]), out_dir=Path(sys.argv[3]))
+"""
+
+
+@pytest.mark.parametrize(("kernel", "workers"), [("Sandybridge", 1), ("Katmai", 2)])
+def test_shard_bytes_do_not_depend_on_the_blas_kernel_or_worker_count(
+    tiny_data, tmp_path, kernel, workers
+):
+    """OpenBLAS picks its kernels per CPU (FMA or not, vector width); a float32 product through
+    it gave other bytes on another CPU. Features must be the same bytes on any x86 CPU."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(tiny_data["params"]))
+    out = tmp_path / "features"
+    env = dict(os.environ, OPENBLAS_CORETYPE=kernel, OPENBLAS_VERBOSE="2")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            FEATURIZE_IN_SUBPROCESS,
+            str(params_path),
+            str(tiny_data["meta"]),
+            str(out),
+            str(workers),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Core: {kernel}" in result.stdout + result.stderr  # the kernel really was switched
+    assert _digest(out / "shards") == _digest(tiny_data["features"] / "shards")

@@ -49,9 +49,20 @@ def decode(path: Path) -> tuple[np.ndarray, int, int]:
     with sf.SoundFile(path) as fh:
         header_frames, sr = fh.frames, fh.samplerate
         audio = fh.read(dtype="float32", always_2d=True)
-    # A matrix-vector product downmixes ~10x faster than mean(axis=1) on interleaved frames.
-    weights = np.full(audio.shape[1], 1.0 / audio.shape[1], dtype=np.float32)
-    return audio @ weights, sr, header_frames
+    return downmix(audio), sr, header_frames
+
+
+def downmix(audio: np.ndarray) -> np.ndarray:
+    """(frames, channels) → mono mean, channel by channel: ~10x faster than mean(axis=1) on
+    interleaved frames, and unlike a BLAS matrix-vector product the same bytes on every CPU."""
+    channels = audio.shape[1]
+    if channels == 1:
+        return np.ascontiguousarray(audio[:, 0])
+    mono = np.add(audio[:, 0], audio[:, 1])
+    for channel in range(2, channels):
+        mono += audio[:, channel]
+    mono *= np.float32(1.0 / channels)
+    return mono
 
 
 def check_audio(path: Path, features: dict[str, Any]) -> tuple[np.ndarray, int] | str:

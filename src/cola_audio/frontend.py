@@ -3,10 +3,12 @@
 google-research `cola/data.py` computes `tf.signal.stft` (periodic Hann on 400 samples, frames
 zero-padded at their end to 1024, no centring), magnitudes, a mel matrix built by
 `tf.signal.linear_to_mel_weight_matrix` (HTK mel, triangles linear in mel, no area
-normalisation, DC excluded) and `log(max(mel, 1e-5))`. librosa computes the STFT; its frames put
-the window in the middle of the FFT frame, so the signal is padded by that offset on both sides,
-which gives TF's frame positions and count exactly (magnitudes do not depend on where the window
-sits in the frame).
+normalisation, DC excluded) and `log(max(mel, 1e-5))`.
+
+Here the STFT is scipy's pocketfft over a strided view of the frames (no copies per frame, about
+half the time of librosa.stft), and the mel product is a sparse matrix product: each band has a
+few dozen non-zero weights, and scipy's sparse kernel sums them in one fixed order, with no BLAS
+involved, so the features do not depend on which BLAS kernel the CPU gets or how many threads run.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from typing import Any
 
 import librosa
 import numpy as np
+import scipy.fft
+import scipy.signal
+import scipy.sparse
 
 
 @functools.lru_cache(maxsize=8)
@@ -87,32 +92,25 @@ class FrontEnd:
         )
 
     @property
-    def mel_matrix_f32(self) -> np.ndarray:
-        """The float64 matrix rounded once: float32 products stay within 3e-5 of TF, 2.5x faster."""
-        return tf_mel_matrix(
-            self.sample_rate, self.fft_length, self.n_mels, self.fmin_hz, self.fmax_hz, np.float32
+    def mel_operator(self) -> scipy.sparse.csr_matrix:
+        """The transposed mel matrix, float32 and sparse: (n_mels, fft_length // 2 + 1)."""
+        return _mel_operator(
+            self.sample_rate, self.fft_length, self.n_mels, self.fmin_hz, self.fmax_hz
         )
 
     def magnitude(self, wave: np.ndarray) -> np.ndarray:
-        """|STFT| as (frames, fft_length // 2 + 1), frames placed exactly as tf.signal.stft."""
-        offset = (self.fft_length - self.frame_length) // 2
-        tail = self.fft_length - self.frame_length - offset
-        padded = np.pad(wave, (offset, tail))
-        spec = librosa.stft(
-            padded,
-            n_fft=self.fft_length,
-            hop_length=self.frame_step,
-            win_length=self.frame_length,
-            window="hann",
-            center=False,
-        )
-        return np.abs(spec).T
+        """|STFT| as (frames, fft_length // 2 + 1), frames placed exactly as tf.signal.stft:
+        frame k is samples [k·step, k·step + frame_length), windowed, zero-padded at its end."""
+        frames = np.lib.stride_tricks.sliding_window_view(wave, self.frame_length)
+        windowed = frames[:: self.frame_step] * _periodic_hann(self.frame_length)
+        return np.abs(scipy.fft.rfft(windowed, n=self.fft_length, axis=1))
 
     def normalise(self, wave: np.ndarray) -> np.ndarray:
         """The official clip-level L2 normalisation (or none)."""
         if self.waveform_norm == "none":
             return wave
-        norm = float(np.linalg.norm(wave.astype(np.float64)))
+        wave64 = wave.astype(np.float64)
+        norm = float(np.sqrt(np.sum(wave64 * wave64)))  # numpy's pairwise sum, not BLAS
         return wave / max(norm, 1e-9)
 
     def log_mel(self, wave: np.ndarray) -> np.ndarray:
@@ -122,7 +120,7 @@ class FrontEnd:
             raise ValueError(f"expected a mono waveform, got shape {wave.shape}")
         if self.n_frames(len(wave)) == 0:
             return np.zeros((0, self.n_mels), dtype=np.float32)
-        mel = self.magnitude(wave) @ self.mel_matrix_f32
+        mel = (self.mel_operator @ self.magnitude(wave).T).T
         return np.log(np.clip(mel, self.log_floor, 1e8)).astype(np.float32)
 
     def features(self, wave: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -132,3 +130,19 @@ class FrontEnd:
                 wave, orig_sr=sample_rate, target_sr=self.sample_rate, res_type="soxr_hq"
             )
         return self.log_mel(self.normalise(np.asarray(wave, dtype=np.float32)))
+
+
+@functools.lru_cache(maxsize=8)
+def _mel_operator(
+    sample_rate: int, fft_length: int, n_mels: int, fmin_hz: float, fmax_hz: float
+) -> scipy.sparse.csr_matrix:
+    matrix = tf_mel_matrix(sample_rate, fft_length, n_mels, fmin_hz, fmax_hz, np.float32)
+    return scipy.sparse.csr_matrix(matrix.T)
+
+
+@functools.lru_cache(maxsize=4)
+def _periodic_hann(length: int) -> np.ndarray:
+    """tf.signal.hann_window(periodic=True), float32."""
+    window = scipy.signal.get_window("hann", length, fftbins=True).astype(np.float32)
+    window.flags.writeable = False
+    return window
