@@ -11,6 +11,7 @@ from cola_audio import fsutil, training
 from cola_audio.data import PretrainData
 from cola_audio.models.cola import ColaModule
 from cola_audio.models.encoder import save_encoder
+from cola_audio.store import FeatureStore
 
 log = logging.getLogger(__name__)
 HPARAM_KEYS = (
@@ -22,6 +23,7 @@ HPARAM_KEYS = (
     "temperature",
     "dropout",
     "positive_noise_std",
+    "bilinear_lr_scale",
     "lr",
     "weight_decay",
     "lr_schedule",
@@ -44,9 +46,11 @@ def run(
         features, meta_dir, cfg["crop_frames"], cfg["batch_size"], cfg["num_workers"], cfg["seed"]
     )
     data.setup()
-    fp = training.fingerprint(Path(features) / "index.csv", Path(meta_dir) / "pretrain.json")
-    model = ColaModule(**{k: cfg[k] for k in HPARAM_KEYS}, inputs_fingerprint=fp)
-    resume = training.resumable(out_dir / "checkpoints" / "last.ckpt", dict(model.hparams))
+    identity = training.run_identity(
+        cfg, [*FeatureStore.files(features), Path(meta_dir) / "pretrain.json"]
+    )
+    model = ColaModule(**{k: cfg[k] for k in HPARAM_KEYS}, run_identity=identity)
+    resume = training.resume_point(out_dir, identity)
     training.prepare_logs(out_dir, resume)
     _, checkpoints = training.checkpoint_callbacks(out_dir, "train_loss_epoch", "min")
     trainer = training.make_trainer(
@@ -67,7 +71,7 @@ def run(
         "devices": trainer.world_size,
         "wall_seconds": round(wall, 2),
         "final": {k: round(float(v), 5) for k, v in trainer.callback_metrics.items()},
-        "inputs_fingerprint": fp,
+        "run_identity": identity,
         "resumed_from": str(resume) if resume else None,
     }
     if trainer.is_global_zero:
@@ -76,5 +80,6 @@ def run(
             out_dir, ["train_loss_step", "train_acc_step", "global_batch"], out_dir / "curve.csv"
         )
         fsutil.write_json(out_dir / "summary.json", summary)
+        training.finish(out_dir)
         log.info("pretraining done: %s", summary)
     return summary

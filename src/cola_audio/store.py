@@ -31,6 +31,14 @@ class FeatureStore:
         # Padding is silence: the log of the front-end's floor, not log(1) = 0.
         self.pad_value = float(np.log(summary["frontend"]["log_floor"]))
 
+    @staticmethod
+    def files(root: str | Path = "data/features") -> list[Path]:
+        """Every file the store's contents come from: what a run's identity must hash."""
+        root = Path(root)
+        n_shards = int(fsutil.read_json(root / "summary.json")["n_shards"])
+        shards = [p for k in range(n_shards) for p in shard_paths(root, k)]
+        return [root / "index.csv", root / "summary.json", *shards]
+
     def __contains__(self, track_id: int) -> bool:
         return int(track_id) in self._row
 

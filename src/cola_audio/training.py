@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
 import logging
 import math
 import os
@@ -63,13 +65,25 @@ def resolve_precision(trainer_cfg: dict[str, Any]) -> str:
     return "bf16-mixed" if on_gpu else "32-true"
 
 
-def fingerprint(*paths: Path) -> str:
-    """SHA1 over the inputs and the package's own source: a checkpoint resumes only when data and
-    code are the same, so an edited model or loader never continues an old run."""
+SPEED_ONLY_KEYS = ("num_workers",)  # change how fast a run goes, never what it computes
+
+
+def run_identity(
+    section: dict[str, Any], inputs: list[Path], ignore: tuple[str, ...] = (), **extra: Any
+) -> str:
+    """SHA1 of everything a run's result depends on: its whole resolved params section (less the
+    speed-only keys and `ignore`, the lists of other jobs), `extra` (this job's run and seed),
+    every input file's bytes (feature shards included) and the package's own source. Only a
+    checkpoint with this identity is resumed."""
+    skip = {*SPEED_ONLY_KEYS, *ignore}
+    settings = {k: v for k, v in section.items() if k not in skip}
+    digest = hashlib.sha1(
+        json.dumps({"params": settings, **extra}, sort_keys=True, default=str).encode()
+    )
     package = sorted(Path(__file__).resolve().parent.rglob("*.py"))
-    digest = hashlib.sha1()
-    for path in [*paths, *package]:
-        digest.update(Path(path).read_bytes())
+    for path in [*sorted(Path(p) for p in inputs), *package]:
+        with open(path, "rb") as fh:
+            digest.update(hashlib.file_digest(fh, "sha1").digest())
     return digest.hexdigest()[:16]
 
 
@@ -82,18 +96,54 @@ def safe_load(path: str | Path) -> dict[str, Any]:
             f"{path}: refusing to load, it holds objects beyond tensors and plain values "
             f"({str(exc).splitlines()[0]}). Only load checkpoints written by cola-audio."
         ) from exc
+    except (EOFError, RuntimeError, ValueError) as exc:
+        raise UnreadableCheckpoint(
+            f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc}); delete it and "
+            "rerun the stage"
+        ) from exc
 
 
-def resumable(ckpt: Path, hparams: dict[str, Any]) -> Path | None:
-    """The last checkpoint of an interrupted run with identical hyperparameters, if any."""
-    if not ckpt.is_file():
+class UnreadableCheckpoint(RuntimeError):
+    """A truncated or damaged checkpoint file."""
+
+
+def resume_point(out_dir: Path, identity: str) -> Path | None:
+    """last.ckpt of an interrupted run with this identity, else None; any other checkpoint folder
+    is cleared first, saying why, so nothing of another run can leak into this one.
+
+    A finished run leaves no checkpoints (`finish`), so it is never resumed.
+    """
+    folder = Path(out_dir) / "checkpoints"
+    last = folder / "last.ckpt"
+    if not last.is_file():
+        shutil.rmtree(folder, ignore_errors=True)
         return None
-    saved = safe_load(ckpt).get("hyper_parameters", {})
-    if dict(saved) != dict(hparams):
-        log.warning("%s was written with other parameters or data; starting afresh", ckpt)
+    try:
+        saved = safe_load(last).get("hyper_parameters", {}).get("run_identity")
+    except (UnreadableCheckpoint, UnsafeCheckpoint) as exc:
+        aside = last.with_name(f"last.ckpt.unreadable-{os.getpid()}")
+        last.rename(aside)
+        log.warning("%s; moved it to %s and starting afresh", exc, aside)
+        saved = None
+    if saved != identity:
+        if saved is not None:
+            log.warning(
+                "%s belongs to another run (identity %s, this run is %s: params, data or code "
+                "changed); starting afresh",
+                last,
+                saved,
+                identity,
+            )
+        for stale in folder.glob("*.ckpt"):
+            stale.unlink()
         return None
-    log.info("resuming from %s", ckpt)
-    return ckpt
+    log.info("resuming the interrupted run %s from %s", identity, last)
+    return last
+
+
+def finish(out_dir: Path) -> None:
+    """A completed run keeps its products, not its resume point: it must never be resumed."""
+    shutil.rmtree(Path(out_dir) / "checkpoints", ignore_errors=True)
 
 
 def make_trainer(
@@ -196,18 +246,19 @@ class PreciseBatchNorm(pl.Callback):
             for m in module.modules()
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
         ]
-        momenta = [m.momentum for m in norms]
+        if not norms:  # a frozen encoder: nothing to recompute, no batches to spend
+            module.train(was_training)
+            return
+        batches = itertools.islice(trainer.datamodule.train_dataloader(), self.n_batches)
+
+        def forward_passes() -> None:
+            for batch in batches:
+                batch = module.transfer_batch_to_device(batch, module.device, 0)
+                with trainer.precision_plugin.forward_context():
+                    module.batchnorm_forward(batch)
+
+        recompute_batchnorm(norms, forward_passes)
         for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the batches below
-        for i, batch in enumerate(trainer.datamodule.train_dataloader()):
-            if i == self.n_batches:
-                break
-            batch = module.transfer_batch_to_device(batch, module.device, 0)
-            with trainer.precision_plugin.forward_context():
-                module.batchnorm_forward(batch)
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
             if trainer.world_size > 1:
                 m.running_mean.copy_(trainer.strategy.reduce(m.running_mean, reduce_op="mean"))
                 m.running_var.copy_(trainer.strategy.reduce(m.running_var, reduce_op="mean"))
@@ -219,6 +270,21 @@ class PreciseBatchNorm(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.recompute(trainer, module)
+
+
+@torch.no_grad()
+def recompute_batchnorm(
+    norms: list[torch.nn.modules.batchnorm._BatchNorm], forward_passes: Callable[[], None]
+) -> None:
+    """Running statistics of `norms` as the plain average over the batches `forward_passes` runs
+    (the layers must be in training mode); momenta are restored afterwards."""
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    forward_passes()
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
 
 
 def seed_everything(seed: int) -> None:
