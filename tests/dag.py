@@ -45,7 +45,8 @@ def snakemake_stages(repo: Path) -> dict[str, Stage]:
             if job.rule.name == "all":
                 continue
             wildcards = list(dict(job.wildcards).values())
-            name = job.rule.name + (f"@{wildcards[0]}" if wildcards else "")
+            # DVC names a matrix stage's instances by its values joined with "-"
+            name = job.rule.name + (f"@{'-'.join(wildcards)}" if wildcards else "")
             stages[name] = {
                 "cmd": re.sub(r"\s*>\s*\S+\s+2>&1$", "", job.shellcmd.strip()),
                 "deps": sorted(str(f) for f in job.input),
@@ -53,6 +54,12 @@ def snakemake_stages(repo: Path) -> dict[str, Stage]:
                 "params": sorted(job.params.keys()),
             }
     return stages
+
+
+def collapse_into_folders(files: list[str], folders: list[str]) -> list[str]:
+    """Files inside one of `folders` replaced by that folder: a DVC folder dependency stands for
+    every Snakemake input file inside it."""
+    return sorted({next((d for d in folders if f.startswith(d + "/")), f) for f in files})
 
 
 def dvc_stages(repo: Path) -> dict[str, Stage]:

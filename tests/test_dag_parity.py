@@ -2,7 +2,7 @@
 
 import pytest
 import yaml
-from dag import dvc_stages, snakemake_stages
+from dag import collapse_into_folders, dvc_stages, snakemake_stages
 
 from conftest import REPO
 
@@ -20,25 +20,46 @@ def test_same_stage_set(both):
 @pytest.mark.parametrize("field", ["cmd", "deps", "outs", "params"])
 def test_same_field_per_stage(both, field):
     smk, dvc = both
+
+    def ours(name: str) -> list[str]:
+        if field != "deps":
+            return smk[name][field]
+        return collapse_into_folders(smk[name]["deps"], dvc[name]["deps"])
+
     drift = {
-        name: {"snakemake": smk[name][field], "dvc": dvc[name][field]}
+        name: {"snakemake": ours(name), "dvc": dvc[name][field]}
         for name in smk
-        if name in dvc and smk[name][field] != dvc[name][field]
+        if name in dvc and ours(name) != dvc[name][field]
     }
     assert not drift, f"Snakefile and dvc.yaml disagree on {field}: {drift}"
 
 
-def test_only_checkpoint_folders_are_dvc_only(both):
-    """Checkpoints persist across DVC runs (the resume point); Snakemake does not track them."""
+def test_no_output_persists_across_runs(both):
+    """A persistent output survives a rerun with other params: exactly how a stale checkpoint
+    used to be resumed. Checkpoints are undeclared scratch space that a finished run deletes."""
     _, dvc = both
-    persist = sorted(p for s in dvc.values() for p in s["persist"])
-    assert persist == sorted(
-        ["models/pretrain/checkpoints"]
-        + [
-            f"models/finetune/{r}/checkpoints"
-            for r in yaml.safe_load((REPO / "params.yaml").read_text())["finetune"]["runs"]
-        ]
-    )
+    assert [p for s in dvc.values() for p in s["persist"]] == []
+
+
+def test_every_run_and_seed_is_a_stage_of_its_own(both):
+    smk, dvc = both
+    params = yaml.safe_load((REPO / "params.yaml").read_text())["finetune"]
+    expected = {
+        f"finetune_{init}@{run}-{seed}"
+        for init, runs in params["runs"].items()
+        for run in runs
+        for seed in params["seeds"]
+    }
+    assert {s for s in smk if s.startswith("finetune_")} == expected
+    assert {s for s in dvc if s.startswith("finetune_")} == expected
+
+
+def test_adding_a_seed_leaves_the_other_jobs_params_untouched(both):
+    """Fine-tuning jobs declare every finetune key but the seed list, in both tools."""
+    smk, dvc = both
+    for name in (s for s in smk if s.startswith("finetune_")):
+        assert "finetune.seeds" not in smk[name]["params"] and "finetune" not in dvc[name]["params"]
+        assert "finetune.lr" in smk[name]["params"]
 
 
 def test_every_stage_calls_only_the_cola_cli(both):

@@ -42,6 +42,20 @@ def stages_run(dvc_output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", dvc_output))
 
 
+def finetune_stages(params: dict) -> set[str]:
+    """finetune_<init>@<run>-<seed> for every run × seed in params."""
+    ft = params["finetune"]
+    return {
+        f"finetune_{init}@{run}-{seed}"
+        for init, runs in ft["runs"].items()
+        for run in runs
+        for seed in ft["seeds"]
+    }
+
+
+RUNS = ("scratch-finetune", "random-linear", "pretrained-finetune", "pretrained-linear")
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("e2e")
@@ -63,15 +77,24 @@ def test_snakemake_builds_the_report_with_every_row(work):
     repo = work["repo"]
     sh("snakemake --cores 2", repo)
     report = (repo / "reports" / "report.md").read_text()
-    for row in ("random guess", "scratch-finetune", "pretrained-finetune", "pretrained-linear"):
+    for row in ("random guess", *RUNS):
         assert f"| {row} |" in report or f"| {row} " in report, row
     assert "embedded synthetic dataset" in report
+    assert "pretrained-finetune** vs **scratch-finetune" in report or (
+        "**pretrained-finetune** is" in report
+    )
     html = (repo / "reports" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4  # curves + three confusion matrices
+    assert html.count("data:image/png;base64,") == 6  # results, curves, four confusion matrices
     results = json.loads((repo / "reports" / "results.json").read_text())
-    assert len(results["rows"]) == 4
-    for run in ("scratch-finetune", "pretrained-finetune", "pretrained-linear"):
-        assert (repo / "logs" / "finetune" / f"{run}.log").is_file()
+    assert len(results["rows"]) == 5 and len(results["comparisons"]) == 2
+    seeds = yaml.safe_load((repo / "params.yaml").read_text())["finetune"]["seeds"]
+    assert all(r["seeds"] == len(seeds) for r in results["rows"][1:])
+    for run in RUNS:
+        for seed in seeds:
+            assert (repo / "logs" / "finetune" / run / f"seed-{seed}.log").is_file()
+            assert not (
+                repo / "models" / "finetune" / run / f"seed-{seed}" / "checkpoints"
+            ).exists()
 
 
 def test_dvc_status_is_clean_after_snakemake(work):
@@ -85,18 +108,36 @@ def test_second_snakemake_run_has_nothing_to_do(work):
     assert "Nothing to be done" in out.stdout + out.stderr
 
 
+def test_a_new_seed_schedules_only_its_own_jobs_in_both_tools(work):
+    repo = work["repo"]
+    original = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    new = max(params["finetune"]["seeds"]) + 1
+    params["finetune"]["seeds"].append(new)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        dry = sh("snakemake --cores 2 -n", repo).stdout
+        scheduled = set(re.findall(r"wildcards: run=([a-z-]+), seed=(\d+)", dry))
+        assert scheduled == {(run, str(new)) for run in RUNS}
+        assert "rule pretrain:" not in dry and "rule report:" in dry
+        changed = set(json.loads(sh("dvc status --json", repo).stdout))
+        assert changed == {s for s in finetune_stages(params) if s.endswith(f"-{new}")} | {"report"}
+    finally:
+        (repo / "params.yaml").write_text(original)
+
+
 def test_finetune_param_edit_reruns_only_finetuning_and_report(work):
     repo = work["repo"]
     params = yaml.safe_load((repo / "params.yaml").read_text())
+    metrics = repo / "models" / "finetune" / "scratch-finetune" / "seed-0" / "metrics.json"
+    before = json.loads(metrics.read_text())
     params["finetune"]["lr"] = 5e-4
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh("dvc repro", repo).stdout
-    assert stages_run(out) == {
-        "finetune_scratch@scratch-finetune",
-        "finetune_pretrained@pretrained-finetune",
-        "finetune_pretrained@pretrained-linear",
-        "report",
-    }
+    assert stages_run(out) == {*finetune_stages(params), "report"}
+    after = json.loads(metrics.read_text())  # retrained from scratch, not a resumed old run
+    assert after["run_identity"] != before["run_identity"]
+    assert after["steps"] == before["steps"]
 
 
 def test_featurize_param_edit_reruns_featurize_and_everything_after(work):
@@ -111,11 +152,13 @@ def test_featurize_param_edit_reruns_featurize_and_everything_after(work):
         *(f"featurize_shard@{k:03d}" for k in range(4)),
         "featurize_gather",
         "pretrain",
-        "finetune_scratch@scratch-finetune",
-        "finetune_pretrained@pretrained-finetune",
-        "finetune_pretrained@pretrained-linear",
+        *finetune_stages(params),
         "report",
     }
+    # New shards, so pretraining trains every step again (it once "resumed" a finished run).
+    summary = json.loads((repo / "models" / "pretrain" / "summary.json").read_text())
+    assert summary["resumed_from"] is None
+    assert summary["steps"] == params["pretrain"]["max_steps"]
 
 
 def test_push_clone_pull_retrains_nothing(work):

@@ -169,7 +169,8 @@ from pathlib import Path
 import yaml
 from cola_audio import featurize
 params = yaml.safe_load(Path(sys.argv[1]).read_text())
-featurize.run(params, workers=int(sys.argv[4]), meta_dir=Path(sys.argv[2]), out_dir=Path(sys.argv[3]))
+meta, out, workers = Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+featurize.run(params, workers=workers, meta_dir=meta, out_dir=out)
 """
 
 

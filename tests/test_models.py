@@ -134,3 +134,46 @@ def test_lr_schedule_warms_up_then_decays():
     assert f(0) == 0.25 and f(3) == 1.0
     assert f(4) == pytest.approx(1.0) and f(12) == pytest.approx(0.5) and f(20) == pytest.approx(0)
     assert training.lr_lambda("constant", 0, 20)(15) == 1.0
+
+
+def test_bilinear_head_starts_as_the_cosine_head_at_its_temperature():
+    """W₀ = s·I with s = 1/(τ·E[tanh²]·d): a positive pair's logit a·W₀·a ≈ cos(a, a)/τ = 1/τ."""
+    from cola_audio.models.cola import bilinear_init_scale
+
+    model = ColaModule(similarity="bilinear", temperature=0.2, embedding_dim=512)
+    s = bilinear_init_scale(512, 0.2)
+    assert torch.equal(model.bilinear.detach(), torch.eye(512) * s)
+    z = torch.tanh(torch.nn.functional.layer_norm(torch.randn(256, 512), (512,)))
+    self_logits = torch.einsum("nd,de,ne->n", z, model.bilinear.detach(), z)
+    assert self_logits.mean().item() == pytest.approx(1 / 0.2, rel=0.05)
+
+
+def test_the_bilinear_matrix_trains_at_its_own_learning_rate(monkeypatch):
+    from cola_audio.models import cola
+
+    seen = {}
+    monkeypatch.setattr(cola, "adam_with_schedule", lambda m, groups, lr: seen.update(g=groups))
+    model = ColaModule(similarity="bilinear", lr=1e-3, bilinear_lr_scale=0.1)
+    model.configure_optimizers()
+    lrs = {id(p): g["lr"] for g in seen["g"] for p in g["params"]}
+    assert lrs[id(model.bilinear)] == pytest.approx(1e-4)
+    assert {lrs[id(p)] for n, p in model.named_parameters() if n != "bilinear"} == {1e-3}
+    assert len(lrs) == len(list(model.parameters()))  # every parameter in exactly one group
+
+
+def test_a_random_frozen_encoder_gets_batchnorm_statistics_from_data_and_stays_frozen():
+    from cola_audio.models.classifier import GenreClassifier
+
+    torch.manual_seed(0)
+    model = GenreClassifier(n_classes=8, init="scratch", mode="linear")
+    weights = {k: v.clone() for k, v in model.encoder.named_parameters()}
+    crops = [(torch.randn(4, 98, 64) * 3 + 1, torch.zeros(4)) for _ in range(3)]
+    stem = model.encoder.net._bn0
+    assert torch.equal(stem.running_var, torch.ones_like(stem.running_var))
+    model.calibrate_frozen_encoder(crops, n_batches=2)
+    assert not torch.equal(stem.running_var, torch.ones_like(stem.running_var))
+    assert int(stem.num_batches_tracked) == 2  # a plain average over exactly the batches asked
+    for name, p in model.encoder.named_parameters():
+        assert torch.equal(p, weights[name]) and not p.requires_grad, name
+    model.train()
+    assert not model.encoder.training  # still frozen: BatchNorm stays in eval mode

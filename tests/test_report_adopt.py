@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
-from cola_audio import adopt, finetune, report
+from cola_audio import adopt, report, stats
 
 
 def test_classification_metrics_by_hand():
     labels = np.array([0, 0, 1, 1, 2, 2])
     preds = np.array([0, 1, 1, 1, 2, 0])
-    m = finetune.classification_metrics(labels, preds, ["a", "b", "c"])
+    m = stats.classification_metrics(labels, preds, ["a", "b", "c"])
     assert m["accuracy"] == pytest.approx(4 / 6)
     assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
     assert m["per_class_accuracy"] == {"a": 0.5, "b": 1.0, "c": 0.5}
@@ -18,19 +18,13 @@ def test_classification_metrics_by_hand():
 
 
 def test_results_table_has_the_baseline_and_published_numbers():
-    runs = {
-        "scratch-finetune": {
-            "init": "scratch",
-            "mode": "finetune",
-            "accuracy": 0.5,
-            "macro_f1": 0.4,
-            "n_test": 32,
-        }
-    }
-    table = report.results_table(runs, 8, {"random": 12.5, "scratch-finetune": 51.1})
+    summaries = {"scratch-finetune": {"accuracy_mean": 0.5, "macro_f1_mean": 0.4, "n_test": 32}}
+    specs = {"scratch-finetune": {"init": "scratch", "mode": "finetune"}}
+    table = report.results_table(summaries, specs, 8, {"random": 12.5, "scratch-finetune": 51.1})
     assert list(table["run"]) == ["random", "scratch-finetune"]
-    assert table.loc[0, "accuracy"] == 0.125
+    assert table.loc[0, "accuracy_mean"] == 0.125
     assert list(table["published_accuracy"]) == [12.5, 51.1]
+    assert table.loc[1, "model"] == "scratch encoder, finetune"
 
 
 def test_adoptable_takes_only_rules_whose_every_stage_is_up_to_date():

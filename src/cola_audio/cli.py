@@ -51,6 +51,7 @@ def _finetune(args: argparse.Namespace, params: dict) -> None:
     finetune.run(
         params,
         run_name=args.run,
+        seed=args.seed,
         features=args.features,
         meta_dir=args.meta,
         encoder=args.encoder,
@@ -109,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("models/pretrain"))
     p.set_defaults(func=_pretrain)
 
-    p = sub.add_parser("finetune", help="genre classification: one run of finetune.runs")
-    p.add_argument("--run", required=True, help="a key of finetune.runs in params.yaml")
+    p = sub.add_parser("finetune", help="genre classification: one run × seed of finetune")
+    p.add_argument("--run", required=True, help="a run named under finetune.runs")
+    p.add_argument("--seed", type=int, required=True, help="one of finetune.seeds")
     p.add_argument("--features", type=Path, default=Path("data/features"))
     p.add_argument("--meta", type=Path, default=Path("data/meta"))
     p.add_argument("--encoder", type=Path, default=Path("models/pretrain/encoder.safetensors"))

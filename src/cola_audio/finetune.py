@@ -13,6 +13,9 @@ from cola_audio import fsutil, training
 from cola_audio.data import GenreData
 from cola_audio.models.classifier import GenreClassifier
 from cola_audio.models.encoder import load_encoder_weights
+from cola_audio.params import finetune_runs
+from cola_audio.stats import classification_metrics
+from cola_audio.store import FeatureStore
 
 log = logging.getLogger(__name__)
 HPARAM_KEYS = (
@@ -28,33 +31,14 @@ HPARAM_KEYS = (
 )
 
 
-def classification_metrics(
-    labels: np.ndarray, preds: np.ndarray, genres: list[str]
-) -> dict[str, Any]:
-    """Accuracy, macro-F1, per-class accuracy (recall) and the confusion matrix; pure."""
-    n = len(genres)
-    confusion = np.zeros((n, n), dtype=np.int64)
-    np.add.at(confusion, (labels, preds), 1)
-    support = confusion.sum(1)
-    predicted = confusion.sum(0)
-    tp = np.diag(confusion)
-    recall = np.divide(tp, support, out=np.zeros(n), where=support > 0)
-    precision = np.divide(tp, predicted, out=np.zeros(n), where=predicted > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(n), where=denom > 0)
-    present = support > 0
-    return {
-        "accuracy": float(tp.sum() / max(1, len(labels))),
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-        "per_class_accuracy": {g: float(r) for g, r in zip(genres, recall, strict=True)},
-        "confusion_matrix": confusion.tolist(),
-        "labels": genres,
-    }
+def run_dir(out_dir: Path, run_name: str, seed: int) -> Path:
+    return Path(out_dir) / run_name / f"seed-{seed}"
 
 
 def run(
     params: dict[str, Any],
     run_name: str,
+    seed: int,
     features: Path = Path("data/features"),
     meta_dir: Path = Path("data/meta"),
     encoder: Path = Path("models/pretrain/encoder.safetensors"),
@@ -62,14 +46,12 @@ def run(
     callbacks: list | None = None,
     **trainer_overrides: Any,
 ) -> dict[str, Any]:
+    """Wire data and model, fit (resuming only the same interrupted run), test the checkpoint
+    with the best validation accuracy, write metrics, predictions and the curve."""
     cfg = params["finetune"]
-    if run_name not in cfg["runs"]:
-        raise KeyError(
-            f"--run {run_name!r} is not in finetune.runs; choose one of {', '.join(cfg['runs'])}"
-        )
-    spec = cfg["runs"][run_name]
-    out = Path(out_dir) / run_name
-    training.seed_everything(cfg["seed"])
+    spec = _run_spec(cfg, run_name, seed)
+    out = run_dir(out_dir, run_name, seed)
+    training.seed_everything(seed)
     data = GenreData(
         features,
         meta_dir,
@@ -77,80 +59,115 @@ def run(
         cfg["batch_size"],
         cfg["eval_batch_size"],
         cfg["num_workers"],
-        cfg["seed"],
+        seed,
     )
     data.setup()
-    inputs = [Path(features) / "index.csv", Path(meta_dir) / "finetune.json"]
+    inputs = [*FeatureStore.files(features), Path(meta_dir) / "finetune.json"]
     if spec["init"] == "pretrained":
+        if not Path(encoder).is_file():
+            raise FileNotFoundError(f"{encoder}: no pretrained encoder; run `cola pretrain` first")
         inputs.append(Path(encoder))
-    if not Path(encoder).is_file() and spec["init"] == "pretrained":
-        raise FileNotFoundError(f"{encoder}: no pretrained encoder; run `cola pretrain` first")
+    identity = training.run_identity(
+        cfg, inputs, ignore=("seeds", "runs"), run=run_name, seed=seed, **spec
+    )
     model = GenreClassifier(
         n_classes=len(data.genres),
-        init=spec["init"],
-        mode=spec["mode"],
+        **spec,
         **{k: cfg[k] for k in HPARAM_KEYS},
-        inputs_fingerprint=training.fingerprint(*inputs),
+        run_identity=identity,
     )
     if spec["init"] == "pretrained":
         load_encoder_weights(model.encoder, encoder)
-    resume = training.resumable(out / "checkpoints" / "last.ckpt", dict(model.hparams))
+    resume = training.resume_point(out, identity)
+    if resume is None and spec == {"init": "scratch", "mode": "linear"}:
+        model.calibrate_frozen_encoder(data.train_dataloader(), cfg["precise_bn_batches"])
     training.prepare_logs(out, resume)
     best_cb, checkpoints = training.checkpoint_callbacks(out, "val_acc", "max")
     trainer = training.make_trainer(
-        cfg, out, [*checkpoints, *(callbacks or [])], **trainer_overrides
+        cfg,
+        out,
+        [*checkpoints, *(callbacks or [])],
+        **{"check_val_every_n_epoch": cfg["val_every_n_epochs"], **trainer_overrides},
     )
     trainer.fit(model, data, ckpt_path=resume, weights_only=True)
-
-    # Model selection on validation accuracy; the test set is scored once, with that model.
-    if not best_cb.best_model_path:
-        raise RuntimeError(
-            f"{run_name}: training stopped before the first validation (finetune.max_steps = "
-            f"{cfg['max_steps']} ends inside epoch 0); raise max_steps or set it to -1"
-        )
-    best = training.safe_load(best_cb.best_model_path)
+    best = _load_best(out, best_cb, cfg["max_steps"], run_name)
     model.load_state_dict(best["state_dict"], strict=True)
     trainer.test(model, datamodule=data, verbose=False)
     outputs = {k: v.numpy() for k, v in model.test_outputs.items()}
-    metrics = classification_metrics(outputs["labels"], outputs["preds"], data.genres)
-    metrics.update(
-        {
-            "run": run_name,
-            "init": spec["init"],
-            "mode": spec["mode"],
-            "seed": cfg["seed"],
-            "n_test": int(len(outputs["labels"])),
-            "n_test_skipped": data.missing["test"],
-            "n_train": len(data.splits["train"]),
-            "n_val": len(data.splits["val"]),
-            "selected_epoch": int(best["epoch"]),
-            "best_val_acc": float(best_cb.best_model_score),
-            "steps": int(trainer.global_step),
-        }
-    )
+    metrics = {
+        **scalar_metrics(classification_metrics(outputs["labels"], outputs["preds"], data.genres)),
+        "run": run_name,
+        **spec,
+        "seed": seed,
+        "n_test": int(len(outputs["labels"])),
+        "n_test_skipped": data.missing["test"],
+        "n_train": len(data.splits["train"]),
+        "n_val": len(data.splits["val"]),
+        "selected_epoch": int(best["epoch"]),
+        "best_val_acc": float(best_cb.best_model_score),
+        "steps": int(trainer.global_step),
+        "run_identity": identity,
+    }
     if trainer.is_global_zero:
-        fsutil.write_json(out / "metrics.json", metrics)
-        predictions = pd.DataFrame(
-            {
-                "track_id": outputs["track_ids"],
-                "actual": [data.genres[i] for i in outputs["labels"]],
-                "predicted": [data.genres[i] for i in outputs["preds"]],
-            }
-        )
-        with fsutil.atomic_path(out / "predictions.csv") as tmp:
-            predictions.to_csv(tmp, index=False, lineterminator="\n")
-        training.export_curve(
-            out,
-            ["train_loss_epoch", "train_acc_epoch", "val_acc", "val_loss"],
-            out / "curve.csv",
-            x="epoch",
-        )
+        _write_outputs(out, metrics, outputs, data.genres)
+        training.finish(out)
         log.info(
-            "%s: test accuracy %.3f, macro-F1 %.3f on %d clips (selected epoch %d)",
+            "%s seed %d: test accuracy %.3f, macro-F1 %.3f on %d clips (selected epoch %d)",
             run_name,
+            seed,
             metrics["accuracy"],
             metrics["macro_f1"],
             metrics["n_test"],
             metrics["selected_epoch"],
         )
     return metrics
+
+
+def _run_spec(cfg: dict[str, Any], run_name: str, seed: int) -> dict[str, str]:
+    runs = finetune_runs(cfg)
+    if run_name not in runs:
+        raise KeyError(
+            f"--run {run_name!r} is not in finetune.runs; choose one of {', '.join(runs)}"
+        )
+    if seed not in cfg["seeds"]:
+        raise KeyError(f"--seed {seed} is not in finetune.seeds {cfg['seeds']}; add it there first")
+    return runs[run_name]
+
+
+def _load_best(out: Path, best_cb: Any, max_steps: int, run_name: str) -> dict[str, Any]:
+    """The best-validation checkpoint of this run, by its place in this run's folder (a resumed
+    callback may remember an absolute path from another checkout)."""
+    path = Path(out) / "checkpoints" / "best.ckpt"
+    if best_cb.best_model_score is None or not path.is_file():
+        raise RuntimeError(
+            f"{run_name}: training stopped before the first validation (finetune.max_steps = "
+            f"{max_steps} ends inside epoch 0); raise max_steps or set it to -1"
+        )
+    return training.safe_load(path)
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What metrics.json keeps: numbers only, so `dvc metrics show` and `dvc exp show` stay
+    readable (per-class numbers and the confusion matrix follow from predictions.csv)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def _write_outputs(
+    out: Path, metrics: dict[str, Any], outputs: dict[str, np.ndarray], genres: list[str]
+) -> None:
+    fsutil.write_json(out / "metrics.json", metrics)
+    predictions = pd.DataFrame(
+        {
+            "track_id": outputs["track_ids"],
+            "actual": [genres[i] for i in outputs["labels"]],
+            "predicted": [genres[i] for i in outputs["preds"]],
+        }
+    )
+    with fsutil.atomic_path(out / "predictions.csv") as tmp:
+        predictions.to_csv(tmp, index=False, lineterminator="\n")
+    training.export_curve(
+        out,
+        ["train_loss_epoch", "train_acc_epoch", "val_acc", "val_loss"],
+        out / "curve.csv",
+        x="epoch",
+    )

@@ -95,9 +95,29 @@ def _check_cross_field(params: dict[str, Any], source: str) -> None:
             f"data.pretrain_subset = {data['pretrain_subset']!r} is smaller than finetune_subset "
             f"{data['finetune_subset']!r}; pretraining needs the larger subset"
         )
+    runs = params["finetune"]["runs"]
+    if not runs["scratch"] and not runs["pretrained"]:
+        problems.append("finetune.runs lists no run under scratch or pretrained")
+    if both := sorted(set(runs["scratch"]) & set(runs["pretrained"])):
+        problems.append(f"finetune.runs: {', '.join(both)} listed under scratch and pretrained")
+    known = set(runs["scratch"]) | set(runs["pretrained"])
+    for pair in params["report"]["comparisons"]:
+        if unknown := [r for r in pair if r not in known]:
+            problems.append(
+                f"report.comparisons {pair}: {', '.join(unknown)} not a run of finetune.runs"
+            )
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise ParamsError(f"{source}: invalid parameters:\n{lines}\nFix the values in {source}.")
+
+
+def finetune_runs(finetune: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Run name → {init, mode}, from params' runs grouped by the encoder they start from."""
+    return {
+        name: {"init": init, "mode": mode}
+        for init in ("scratch", "pretrained")
+        for name, mode in sorted(finetune["runs"][init].items())
+    }
 
 
 def load(path: str | Path = "params.yaml") -> dict[str, Any]:

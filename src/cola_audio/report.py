@@ -23,7 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from cola_audio import fsutil  # noqa: E402
+from cola_audio import fsutil, stats  # noqa: E402
+from cola_audio.params import finetune_runs  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -53,32 +54,119 @@ def git_state(repo: Path = Path(".")) -> dict[str, Any]:
     return {"commit": commit, "dirty": dirty}
 
 
+def load_scored(
+    models: Path, runs: list[str], seeds: list[int], genres: list[str]
+) -> dict[str, stats.Scored]:
+    """Each run's test predictions for every seed, aligned on track id (the same clips for all)."""
+    code = {g: i for i, g in enumerate(genres)}
+    scored: dict[str, stats.Scored] = {}
+    reference: np.ndarray | None = None
+    for run in runs:
+        frames = []
+        for seed in seeds:
+            path = Path(models) / "finetune" / run / f"seed-{seed}" / "predictions.csv"
+            frame = pd.read_csv(path).sort_values("track_id", kind="stable")
+            ids = frame["track_id"].to_numpy()
+            if reference is None:
+                reference = ids
+            elif not np.array_equal(ids, reference):
+                raise ValueError(
+                    f"{path}: scored other test clips than the first run; rerun `cola finetune`"
+                )
+            frames.append(frame)
+        labels = frames[0]["actual"].map(code).to_numpy()
+        preds = np.stack([f["predicted"].map(code).to_numpy() for f in frames])
+        scored[run] = stats.Scored(labels, preds, len(genres))
+    return scored
+
+
 def results_table(
-    runs: dict[str, dict[str, Any]], n_classes: int, published: dict[str, float]
+    summaries: dict[str, dict[str, Any]],
+    specs: dict[str, dict[str, str]],
+    n_classes: int,
+    published: dict[str, float],
 ) -> pd.DataFrame:
-    """Pure: one row per model, the random-guess baseline first."""
+    """Pure: one row per run, the random-guess baseline first."""
+    chance = 1.0 / n_classes
     rows = [
         {
             "model": "random guess",
             "run": "random",
-            "accuracy": 1.0 / n_classes,
-            "macro_f1": 1.0 / n_classes,
-            "n_test": None,
+            "accuracy_mean": chance,
+            "macro_f1_mean": chance,
         }
     ]
-    for name, m in runs.items():
-        rows.append(
-            {
-                "model": f"{m['init']} encoder, {m['mode']}",
-                "run": name,
-                "accuracy": m["accuracy"],
-                "macro_f1": m["macro_f1"],
-                "n_test": m["n_test"],
-            }
-        )
+    for name, summary in summaries.items():
+        spec = specs[name]
+        rows.append({"model": f"{spec['init']} encoder, {spec['mode']}", "run": name, **summary})
     table = pd.DataFrame(rows)
     table["published_accuracy"] = [published.get(r) for r in table["run"]]
     return table
+
+
+def comparisons_table(
+    scored: dict[str, stats.Scored], pairs: list[list[str]], confidence: float, n: int, seed: int
+) -> list[dict[str, Any]]:
+    """Each `[a, b]` of report.comparisons: a − b in accuracy, its paired interval, the verdict."""
+    rows = []
+    for a, b in pairs:
+        diff = stats.paired_difference(scored[a], scored[b], confidence, n, seed)
+        rows.append(
+            {"a": a, "b": b, **diff, "verdict": stats.verdict(diff["ci_low"], diff["ci_high"])}
+        )
+    return rows
+
+
+def plot_results(
+    table: pd.DataFrame, scored: dict[str, stats.Scored], diffs: list[dict[str, Any]], path: Path
+) -> None:
+    """Accuracy per run (seeds as dots, seed-mean with its interval) and the paired differences."""
+    runs = table[table["run"] != "random"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [3, 2]})
+    ax = axes[0]
+    for y, r in enumerate(runs.itertuples()):
+        seeds = scored[r.run].per_seed("accuracy")
+        ax.plot(100 * seeds, [y] * len(seeds), "o", color="tab:grey", alpha=0.6, ms=4)
+        ax.errorbar(
+            100 * r.accuracy_mean,
+            y,
+            xerr=[
+                [100 * (r.accuracy_mean - r.accuracy_ci_low)],
+                [100 * (r.accuracy_ci_high - r.accuracy_mean)],
+            ],
+            fmt="D",
+            color="tab:blue",
+            capsize=4,
+        )
+    chance = 100 * float(table.loc[table["run"] == "random", "accuracy_mean"].iloc[0])
+    ax.axvline(chance, ls="--", color="grey", label="chance")
+    ax.set_yticks(range(len(runs)), list(runs["run"]))
+    ax.set(xlabel="test accuracy (%)", title="per run: seeds (dots), mean and 95 % CI")
+    ax.legend(loc="lower right")
+    ax = axes[1]
+    for y, d in enumerate(diffs):
+        ax.errorbar(
+            100 * d["difference"],
+            y,
+            xerr=[
+                [100 * (d["difference"] - d["ci_low"])],
+                [100 * (d["ci_high"] - d["difference"])],
+            ],
+            fmt="D",
+            color="tab:green"
+            if d["verdict"] == "better"
+            else "tab:red"
+            if d["verdict"] == "worse"
+            else "tab:grey",
+            capsize=4,
+        )
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(diffs)), [f"{d['a']}\n− {d['b']}" for d in diffs], fontsize=8)
+    ax.set(xlabel="accuracy difference (points)", title="paired differences, 95 % CI")
+    fig.tight_layout()
+    with fsutil.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
 
 
 def plot_pretraining(curve: pd.DataFrame, path: Path) -> None:
@@ -124,6 +212,30 @@ def _pct(x: float | None) -> str:
     return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.1f} %"
 
 
+def _ci(low: float | None, high: float | None) -> str:
+    if low is None or pd.isna(low):
+        return "—"
+    return f"[{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def _mean_std(mean: float, std: float | None) -> str:
+    if std is None or pd.isna(std):
+        return _pct(mean)
+    return f"{100 * mean:.1f} ± {100 * std:.1f} %"
+
+
+def comparison_sentence(d: dict[str, Any], confidence: float) -> str:
+    """The words follow the interval: a direction only where it excludes zero."""
+    low, high = 100 * d["ci_low"], 100 * d["ci_high"]
+    span = f"{100 * d['difference']:+.1f} points, {confidence:.0%} CI [{low:+.1f}, {high:+.1f}]"
+    if d["verdict"] == "no detectable difference":
+        return (
+            f"**{d['a']}** vs **{d['b']}**: no detectable difference ({span}; the interval "
+            "covers 0)."
+        )
+    return f"**{d['a']}** is {d['verdict']} than **{d['b']}** ({span})."
+
+
 def render_markdown(table: pd.DataFrame, context: dict[str, Any]) -> str:
     lines = ["# cola-audio report", ""]
     if context["source"] == "synthetic":
@@ -139,23 +251,39 @@ def render_markdown(table: pd.DataFrame, context: dict[str, Any]) -> str:
             f"`fma_{context['pretrain_subset']}` for pretraining).",
             "",
         ]
+    conf = context["confidence"]
     lines += [
         "## Results (test set, clip-level: logits averaged over 1 s windows)",
         "",
-        "| model | run | accuracy | macro-F1 | n_test | published (seed repo, real FMA) |",
-        "|---|---|---|---|---|---|",
+        f"Each run is repeated with seeds {context['seeds']}: mean ± standard deviation over "
+        f"seeds, and the {conf:.0%} bootstrap interval of the seed-mean over test clips "
+        f"({context['n_resamples']} resamples).",
+        "",
+        f"| model | run | accuracy | {conf:.0%} CI | macro-F1 | {conf:.0%} CI | n_test | "
+        "published (seed repo, real FMA) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in table.itertuples():
         pub = (
             "—"
             if r.published_accuracy is None or pd.isna(r.published_accuracy)
-            else (f"{r.published_accuracy:.1f} %")
+            else f"{r.published_accuracy:.1f} %"
         )
-        n_test = "—" if r.n_test is None or pd.isna(r.n_test) else str(int(r.n_test))
+        n_test = "—" if pd.isna(r.n_test) else str(int(r.n_test))
         lines.append(
-            f"| {r.model} | {r.run} | {_pct(r.accuracy)} | {_pct(r.macro_f1)} | {n_test} | {pub} |"
+            f"| {r.model} | {r.run} | {_mean_std(r.accuracy_mean, r.accuracy_std)} | "
+            f"{_ci(r.accuracy_ci_low, r.accuracy_ci_high)} | "
+            f"{_mean_std(r.macro_f1_mean, r.macro_f1_std)} | "
+            f"{_ci(r.macro_f1_ci_low, r.macro_f1_ci_high)} | {n_test} | {pub} |"
         )
+    lines += ["", "## What pretraining buys", ""]
+    lines += [f"- {comparison_sentence(d, conf)}" for d in context["comparisons"]]
     lines += [
+        "",
+        "Paired bootstrap over test clips: both runs are scored on the same resampled clips, "
+        "pooled over seeds.",
+        "",
+        "![results](figures/results.png)",
         "",
         "## Pretraining",
         "",
@@ -163,7 +291,7 @@ def render_markdown(table: pd.DataFrame, context: dict[str, Any]) -> str:
         "",
         "![pretraining curves](figures/pretrain_curves.png)",
         "",
-        "## Confusion matrices",
+        "## Confusion matrices (summed over seeds)",
         "",
     ]
     for name in context["runs"]:
@@ -250,45 +378,39 @@ def run(
     features: Path = Path("data/features"),
     meta_dir: Path = Path("data/meta"),
 ) -> str:
-    out_dir = Path(out_dir)
-    figures = out_dir / "figures"
-    runs = {
-        name: fsutil.read_json(Path(models) / "finetune" / name / "metrics.json")
-        for name in params["finetune"]["runs"]
-    }
+    """Score every run × seed from its predictions, compare, plot, and write the report."""
+    out_dir, figures, cfg = Path(out_dir), Path(out_dir) / "figures", params["report"]
+    boot = {"confidence": cfg["confidence"], "n": cfg["bootstrap_resamples"], "seed": 0}
+    specs = finetune_runs(params["finetune"])
+    seeds = sorted(params["finetune"]["seeds"])
     genres = fsutil.read_json(Path(meta_dir) / "labels.json")["genres"]
-    table = results_table(runs, len(genres), params["report"]["published"])
-    curve = pd.read_csv(Path(models) / "pretrain" / "curve.csv")
-    plot_pretraining(curve, figures / "pretrain_curves.png")
-    for name, m in runs.items():
-        plot_confusion(m["confusion_matrix"], m["labels"], name, figures / f"confusion_{name}.png")
-    pre = fsutil.read_json(Path(models) / "pretrain" / "summary.json")
-    feature_summary = fsutil.read_json(Path(features) / "summary.json")
-    skipped = pd.read_csv(Path(features) / "skipped.csv").to_dict("records")
-    tracked = [
-        Path(features) / "index.csv",
-        *sorted((Path(features) / "shards").glob("*.npy")),
-        Path(models) / "pretrain" / "encoder.safetensors",
-    ]
+    scored = load_scored(Path(models), list(specs), seeds, genres)
+    summaries = {
+        name: stats.run_summary(s, boot["confidence"], boot["n"], boot["seed"])
+        for name, s in scored.items()
+    }
+    table = results_table(summaries, specs, len(genres), cfg["published"])
+    diffs = comparisons_table(scored, cfg["comparisons"], **boot)
+    plot_results(table, scored, diffs, figures / "results.png")
+    plot_pretraining(
+        pd.read_csv(Path(models) / "pretrain" / "curve.csv"), figures / "pretrain_curves.png"
+    )
+    for name, s in scored.items():
+        confusion = sum(stats.confusion_matrix(s.labels, p, len(genres)) for p in s.preds)
+        plot_confusion(confusion.tolist(), genres, name, figures / f"confusion_{name}.png")
     context = {
         "source": params["data"]["source"],
         "finetune_subset": params["data"]["finetune_subset"],
         "pretrain_subset": params["data"]["pretrain_subset"],
-        "runs": list(runs),
-        "pretrain_line": (
-            f"{pre['steps']} steps over {pre['epochs']} epochs on {pre['clips']} clips "
-            f"(global batch {pre['global_batch']}, {pre['precision']}, {pre['accelerator']}); "
-            f"final contrastive loss {pre['final'].get('train_loss_epoch', float('nan')):.3f}, "
-            f"accuracy {_pct(pre['final'].get('train_acc_epoch'))} "
-            f"(chance {_pct(1 / pre['global_batch'])})."
+        "runs": list(specs),
+        "seeds": seeds,
+        "confidence": boot["confidence"],
+        "n_resamples": boot["n"],
+        "comparisons": diffs,
+        "pretrain_line": pretrain_line(
+            fsutil.read_json(Path(models) / "pretrain" / "summary.json")
         ),
-        "provenance": {
-            "git": git_state(),
-            "params_hash": params_hash(params),
-            "features": feature_summary,
-            "skipped": skipped,
-            "hashes": {p.as_posix(): md5_file(p) for p in tracked if p.is_file()},
-        },
+        "provenance": provenance(params, Path(features), Path(models)),
     }
     markdown = render_markdown(table, context)
     fsutil.write_text(out_dir / "report.md", markdown)
@@ -297,9 +419,37 @@ def run(
         out_dir / "results.json",
         {
             "rows": json.loads(table.to_json(orient="records")),
+            "comparisons": diffs,
             "source": context["source"],
             "provenance": context["provenance"],
         },
     )
     log.info("report written to %s", out_dir / "report.html")
     return markdown
+
+
+def pretrain_line(pre: dict[str, Any]) -> str:
+    final = pre["final"]
+    return (
+        f"{pre['steps']} steps over {pre['epochs']} epochs on {pre['clips']} clips "
+        f"(global batch {pre['global_batch']}, {pre['precision']}, {pre['accelerator']}); "
+        f"final contrastive loss {final.get('train_loss_epoch', float('nan')):.3f}, "
+        f"in-batch accuracy {_pct(final.get('train_acc_epoch'))} "
+        f"(chance {_pct(1 / pre['global_batch'])})."
+    )
+
+
+def provenance(params: dict[str, Any], features: Path, models: Path) -> dict[str, Any]:
+    """Code, parameters and data hashes every number in the report comes from."""
+    tracked = [
+        features / "index.csv",
+        *sorted((features / "shards").glob("*.npy")),
+        models / "pretrain" / "encoder.safetensors",
+    ]
+    return {
+        "git": git_state(),
+        "params_hash": params_hash(params),
+        "features": fsutil.read_json(features / "summary.json"),
+        "skipped": pd.read_csv(features / "skipped.csv").to_dict("records"),
+        "hashes": {p.as_posix(): md5_file(p) for p in tracked if p.is_file()},
+    }

@@ -307,17 +307,19 @@ def render_track(plan: TrackPlan) -> bytes:
     return data
 
 
-def _assign_splits(artist_sizes: list[int], rng: np.random.Generator) -> list[str]:
-    """Artist-level split ≈ 80/10/10 of tracks: an artist's tracks never straddle splits."""
+def _assign_splits(
+    artist_sizes: list[int], eval_fraction: float, rng: np.random.Generator
+) -> list[str]:
+    """Artist-level split, `eval_fraction` of tracks each to test and validation, the rest to
+    training: an artist's tracks never straddle splits."""
     total = sum(artist_sizes)
+    target = round(eval_fraction * total)
     order = rng.permutation(len(artist_sizes))
     splits = ["training"] * len(artist_sizes)
     counts = {"test": 0, "validation": 0}
     for i in order:
         for split in ("test", "validation"):
-            if counts[split] + artist_sizes[i] <= round(0.1 * total) and counts[split] < round(
-                0.1 * total
-            ):
+            if counts[split] + artist_sizes[i] <= target:
                 splits[i] = split
                 counts[split] += artist_sizes[i]
                 break
@@ -374,7 +376,7 @@ def plan_dataset(cfg: dict[str, Any]) -> tuple[pd.DataFrame, list[TrackPlan]]:
         sizes: list[int] = []
         while sum(sizes) < per_genre:
             sizes.append(min(int(rng.integers(1, 4)), per_genre - sum(sizes)))
-        splits = _assign_splits(sizes, rng)
+        splits = _assign_splits(sizes, cfg["eval_fraction"], rng)
         for size, split in zip(sizes, splits, strict=True):
             artist_id += 1
             for _ in range(size):

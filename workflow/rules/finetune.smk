@@ -1,8 +1,9 @@
-FINETUNE_CODE = code(
-    "finetune", "training", "data", "store", "models/classifier", "models/encoder"
-)
-FINETUNE_DATA = [
+FINETUNE_INPUTS = [
+    *code(
+        "finetune", "training", "data", "store", "models/classifier", "models/encoder"
+    ),
     *shard_outputs("npy"),
+    *shard_outputs("json"),
     "data/features/index.csv",
     "data/features/summary.json",
     "data/meta/finetune.json",
@@ -11,16 +12,15 @@ FINETUNE_DATA = [
 
 
 rule finetune_scratch:
-    """Genre classification from a randomly initialised encoder."""
+    """Genre classification from a randomly initialised encoder, one job per run × seed."""
     input:
-        FINETUNE_CODE,
-        FINETUNE_DATA,
+        FINETUNE_INPUTS,
     output:
-        finetune_outputs("{run}"),
+        finetune_outputs("{run}", "{seed}"),
     log:
-        "logs/finetune/{run}.log",
+        "logs/finetune/{run}/seed-{seed}.log",
     benchmark:
-        "logs/benchmarks/finetune_{run}.tsv"
+        "logs/benchmarks/finetune_{run}_seed-{seed}.tsv"
     wildcard_constraints:
         run="|".join(SCRATCH_RUNS) or "no-run",
     threads: 8  # Snakemake caps this at --cores
@@ -28,30 +28,15 @@ rule finetune_scratch:
         gpu=1,
         mem_mb=8000,
     params:
-        finetune=config["finetune"],
+        **finetune_params(),
     shell:
-        "cola --params params.yaml finetune --run {wildcards.run} > {log} 2>&1"
+        "cola --params params.yaml finetune --run {wildcards.run} --seed {wildcards.seed} "
+        "> {log} 2>&1"
 
 
-rule finetune_pretrained:
-    """Fine-tuning or linear evaluation from the COLA encoder."""
+use rule finetune_scratch as finetune_pretrained with:
     input:
-        FINETUNE_CODE,
-        FINETUNE_DATA,
+        FINETUNE_INPUTS,
         "models/pretrain/encoder.safetensors",
-    output:
-        finetune_outputs("{run}"),
-    log:
-        "logs/finetune/{run}.log",
-    benchmark:
-        "logs/benchmarks/finetune_{run}.tsv"
     wildcard_constraints:
         run="|".join(PRETRAINED_RUNS) or "no-run",
-    threads: 8  # Snakemake caps this at --cores
-    resources:
-        gpu=1,
-        mem_mb=8000,
-    params:
-        finetune=config["finetune"],
-    shell:
-        "cola --params params.yaml finetune --run {wildcards.run} > {log} 2>&1"

@@ -3,6 +3,7 @@ rule pretrain:
     input:
         code("pretrain", "training", "data", "store", "models/cola", "models/encoder"),
         shard_outputs("npy"),
+        shard_outputs("json"),
         "data/features/index.csv",
         "data/features/summary.json",
         "data/meta/pretrain.json",

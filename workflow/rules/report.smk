@@ -1,8 +1,8 @@
 rule report:
     """Results table with the published numbers beside ours, curves, confusion, provenance."""
     input:
-        code("report"),
-        expand("models/finetune/{run}/metrics.json", run=sorted(RUNS)),
+        code("report", "stats"),
+        all_predictions(),
         "models/pretrain/curve.csv",
         "models/pretrain/summary.json",
         "models/pretrain/encoder.safetensors",
@@ -30,5 +30,7 @@ rule report:
         mem_mb=2000,
     params:
         report=config["report"],
+        finetune=config["finetune"],
+        data=config["data"],
     shell:
         "cola --params params.yaml report > {log} 2>&1"

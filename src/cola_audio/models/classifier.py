@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -9,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cola_audio.models.encoder import EMBED_DIM, Encoder
-from cola_audio.training import adam_with_schedule
+from cola_audio.training import adam_with_schedule, recompute_batchnorm
 
 
 def clip_logits(window_logits: torch.Tensor, clip: torch.Tensor, n_clips: int) -> torch.Tensor:
@@ -36,7 +38,7 @@ class GenreClassifier(pl.LightningModule):
         weight_decay: float = 0.0,
         lr_schedule: str = "cosine",
         warmup_steps: int = 0,
-        inputs_fingerprint: str = "",
+        run_identity: str = "",
     ) -> None:
         super().__init__()
         if mode not in ("finetune", "linear"):
@@ -50,7 +52,29 @@ class GenreClassifier(pl.LightningModule):
         self.val_correct = 0
         self.val_total = 0
         self.test_outputs: dict[str, torch.Tensor] = {}
+        self._frozen_features: dict[tuple[int, ...], torch.Tensor] = {}
         self._test_parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def calibrate_frozen_encoder(self, loader: Iterable[Any], n_batches: int) -> None:
+        """BatchNorm statistics for a random frozen encoder, from unlabelled training crops.
+
+        The pretrained encoder arrives with statistics computed on pretraining audio; a random one
+        would otherwise normalise with the initial mean 0 and variance 1, which here gave
+        constant features (one class predicted for every clip). Weights stay as initialised.
+        """
+        encoder = self.encoder
+        encoder.frozen = False
+        encoder.train()
+        norms = [
+            m for m in encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        ]
+
+        def forward_passes() -> None:
+            for crops, _ in itertools.islice(loader, n_batches):
+                encoder(crops.to(self.device))
+
+        recompute_batchnorm(norms, forward_passes)
+        encoder.freeze()
 
     @property
     def linear(self) -> bool:
@@ -63,6 +87,17 @@ class GenreClassifier(pl.LightningModule):
         else:
             h = self.encoder(x)
         return self.head(self.dropout(h))
+
+    def _window_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of every window; a frozen encoder's outputs are a pure function of the windows,
+        so in linear mode each evaluation batch is encoded once per run, not once per epoch."""
+        if not self.linear:
+            return self(batch["windows"])
+        key = tuple(batch["track_ids"].tolist())
+        if key not in self._frozen_features:
+            with torch.no_grad():
+                self._frozen_features[key] = self.encoder(batch["windows"])
+        return self.head(self.dropout(self._frozen_features[key]))
 
     def batchnorm_forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         """The forward pass training uses, for recomputing BatchNorm statistics."""
@@ -79,7 +114,7 @@ class GenreClassifier(pl.LightningModule):
         return loss
 
     def _predict_clips(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self(batch["windows"])
+        logits = self._window_logits(batch)
         return clip_logits(logits.float(), batch["clip"], len(batch["labels"]))
 
     def on_validation_epoch_start(self) -> None:
