@@ -25,6 +25,11 @@ def test_default_params_are_valid(default_params):
         (("pretrain", "similarity"), "dot", ["pretrain.similarity", "bilinear, cosine"]),
         (("pretrain", "trainer", "precision"), "64", ["pretrain.trainer.precision"]),
         (("features", "fmax_hz"), 9000.0, ["features.fmax_hz", "Nyquist"]),
+        (("features", "n_shards"), 4.0, ["features.n_shards", "4.0", "not of type 'integer'"]),
+        (("features", "workers"), 2.0, ["features.workers", "not of type 'integer'"]),
+        (("pretrain", "max_steps"), 0, ["pretrain.max_steps", "-1 lets max_epochs"]),
+        (("finetune", "seeds"), [0, 0], ["finetune.seeds", "non-unique"]),
+        (("report", "comparisons"), [["a", "b"]], ["report.comparisons", "not a run"]),
         (("data", "pretrain_subset"), "small", None),  # valid: small ⊂ small
     ],
 )

@@ -61,13 +61,25 @@ def _allof_keys(schema: dict[str, Any]) -> set[str]:
 def validate(params: dict[str, Any], source: str = "params.yaml") -> dict[str, Any]:
     """Raise ParamsError listing every violation; return params unchanged when valid."""
     schema = load_schema()
-    validator = jsonschema.validators.validator_for(schema)(schema)
+    validator = _strict_integers(jsonschema.validators.validator_for(schema))(schema)
     errors = sorted(validator.iter_errors(params), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         lines = "\n".join(f"  - {_describe(e)}" for e in errors)
         raise ParamsError(f"{source}: invalid parameters:\n{lines}\nFix the values in {source}.")
     _check_cross_field(params, source)
     return params
+
+
+def _strict_integers(base: type) -> type:
+    """JSON Schema counts 4.0 as an integer; Python code downstream does not (range(4.0) fails
+    long after validation), so an integer parameter must be written as one."""
+
+    def is_integer(checker: Any, instance: Any) -> bool:
+        return isinstance(instance, int) and not isinstance(instance, bool)
+
+    return jsonschema.validators.extend(
+        base, type_checker=base.TYPE_CHECKER.redefine("integer", is_integer)
+    )
 
 
 def _check_cross_field(params: dict[str, Any], source: str) -> None:
