@@ -8,6 +8,7 @@ The variants are the measurements behind the pretraining defaults (README, "Pret
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     cfg = params.load(REPO / "params.yaml")["pretrain"]
     print(f"{args.steps} steps, batch 64 (chance 1.6 %, ln 64 = 4.16); mean of the last 10 steps")
     print(f"{'variant':46s} {'peak loss':>9s} {'loss':>6s} {'accuracy':>9s} {'s':>5s}")
