@@ -126,6 +126,19 @@ def test_a_new_seed_schedules_only_its_own_jobs_in_both_tools(work):
         (repo / "params.yaml").write_text(original)
 
 
+def test_a_partial_snakemake_run_never_vouches_for_stages_it_did_not_rebuild(work):
+    """Edit a fine-tuning param, rebuild only `prepare`: dvc.lock must not record the old
+    fine-tuning outputs against the new value."""
+    repo = work["repo"]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["finetune"]["dropout"] = 0.25
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh("snakemake --cores 2 --until prepare --forcerun prepare", repo)
+    changed = set(json.loads(sh("dvc status --json", repo).stdout))
+    assert finetune_stages(params) <= changed
+    assert "prepare" not in changed  # what did run is recorded
+
+
 def test_finetune_param_edit_reruns_only_finetuning_and_report(work):
     repo = work["repo"]
     params = yaml.safe_load((repo / "params.yaml").read_text())

@@ -43,3 +43,24 @@ def test_adoptable_takes_only_rules_whose_every_stage_is_up_to_date():
         sorted({"featurize_shard", "pretrain", "finetune_pretrained", "report"}),
         sorted(["s0", "s1", "enc", "fa", "fb", "r"]),
     )
+
+
+def test_dvc_commit_takes_only_stages_snakemake_holds_up_to_date():
+    from cola_audio import dvc_commit
+
+    summary = (
+        "output_file\tdate\trule\tlog-file(s)\tstatus\tplan\n"
+        "data/meta/a.json\tMon\tprepare\t-\tok\tno update\n"
+        "models/x/metrics.json\tMon\tfinetune\t-\tparams changed\tupdate pending\n"
+        "models/x/predictions.csv\tMon\tfinetune\t-\tok\tno update\n"
+        "reports/r.md\t-\treport\t-\tmissing\tupdate pending\n"
+    )
+    fresh = dvc_commit.up_to_date_outputs(summary)
+    assert fresh == {"data/meta/a.json", "models/x/predictions.csv"}
+    stages = {
+        "prepare": ["data/meta/a.json"],
+        "finetune@x": ["models/x/metrics.json", "models/x/predictions.csv"],  # one output stale
+        "report": ["reports/r.md"],
+        "empty": [],
+    }
+    assert dvc_commit.vouched_stages(stages, fresh) == ["prepare"]

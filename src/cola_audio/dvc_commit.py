@@ -1,5 +1,10 @@
 """`cola dvc-commit`: record what Snakemake built in dvc.lock without disturbing Snakemake.
 
+dvc.lock may only vouch for what Snakemake vouches for: a stage is committed when `snakemake
+--summary` plans no update for any of its outputs (built from the current params, inputs and
+code). After a partial run (`--until`, a failed job elsewhere) the other stages keep their old
+lock entries, so `dvc status` still reports them changed.
+
 `dvc commit` moves outputs into the cache and copies them back (where the file system cannot
 reflink), which gives every output a new mtime in arbitrary order; Snakemake would then see
 "updated input files" and rebuild the pipeline on its next run. This snapshots the mtimes of every
@@ -39,14 +44,42 @@ def restore(times: dict[Path, int]) -> None:
             os.utime(path, ns=(times[path], times[path]), follow_symlinks=False)
 
 
+def up_to_date_outputs(summary: str) -> set[str]:
+    """Pure: outputs `snakemake --summary` (tab-separated, header row) plans no update for."""
+    rows = [line.split("\t") for line in summary.splitlines() if line.strip()]
+    if not rows:
+        return set()
+    plan = rows[0].index("plan")
+    return {row[0] for row in rows[1:] if len(row) > plan and row[plan] == "no update"}
+
+
+def vouched_stages(stage_outs: dict[str, list[str]], up_to_date: set[str]) -> list[str]:
+    """Pure: DVC stages every output of which Snakemake holds up to date."""
+    return sorted(s for s, outs in stage_outs.items() if outs and set(outs) <= up_to_date)
+
+
 def run(repo: Path = Path(".")) -> int:
     from cola_audio.adopt import dvc_stage_outs
 
-    outs = sorted(
-        {Path(repo) / o for paths in dvc_stage_outs(repo, persist=True).values() for o in paths}
-    )
+    stage_outs = dvc_stage_outs(repo, persist=True)
+    summary = subprocess.run(
+        ["snakemake", "--summary", "--nolock", "--cores", "1"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    stages = vouched_stages(stage_outs, up_to_date_outputs(summary))
+    skipped = sorted(set(stage_outs) - set(stages))
+    if skipped:
+        log.info("not committed (Snakemake plans an update or has not built them): %s", skipped)
+    if not stages:
+        return 0
+    outs = sorted({Path(repo) / o for s in stages for o in stage_outs[s]})
     times = snapshot(outs)
-    subprocess.run(["dvc", "commit", "--force", "--quiet"], cwd=repo, check=True)
-    restore(times)
-    log.info("dvc.lock updated; %d output mtimes kept for Snakemake", len(times))
-    return len(times)
+    try:
+        subprocess.run(["dvc", "commit", "--force", "--quiet", *stages], cwd=repo, check=True)
+    finally:  # even a failed commit may have relinked outputs from the cache
+        restore(times)
+    log.info("dvc.lock updated for %d stages; %d output mtimes kept", len(stages), len(times))
+    return len(stages)
