@@ -260,3 +260,16 @@ def test_a_damaged_resume_point_is_moved_aside_and_the_run_starts_afresh(tmp_pat
     aside = list(folder.glob("last.ckpt.unreadable-*"))
     assert len(aside) == 1 and not (folder / "last.ckpt").exists()
     assert str(folder / "last.ckpt") in caplog.text and "starting afresh" in caplog.text
+
+
+def test_a_malformed_metrics_log_does_not_block_a_resume(tmp_path, caplog):
+    """A kill during Lightning's CSV rewrite can leave rows wider than the header."""
+    from cola_audio import training
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "metrics.csv").write_text("epoch,step\n0,0\n0,1,0.5,0.7\n")
+    training.prepare_logs(tmp_path, resume=tmp_path / "checkpoints" / "last.ckpt")
+    assert not (logs / "metrics.csv").exists()
+    assert len(list(logs.glob("metrics.csv.unreadable-*"))) == 1
+    assert "unreadable" in caplog.text

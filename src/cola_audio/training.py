@@ -307,7 +307,18 @@ def prepare_logs(out_dir: Path, resume: Path | None) -> None:
         return
     current, earlier = logs / "metrics.csv", logs / EARLIER_METRICS
     if current.is_file():
-        frames = [pd.read_csv(p) for p in (earlier, current) if p.is_file()]
+        try:
+            frames = [pd.read_csv(p) for p in (earlier, current) if p.is_file()]
+        except pd.errors.ParserError as exc:  # a kill in the middle of Lightning's rewrite
+            aside = current.with_name(f"metrics.csv.unreadable-{os.getpid()}")
+            current.rename(aside)
+            log.warning(
+                "%s: unreadable (%s); moved to %s, its rows leave the curve",
+                current,
+                str(exc).strip(),
+                aside,
+            )
+            return
         with fsutil.atomic_path(earlier) as tmp:
             pd.concat(frames, ignore_index=True).to_csv(tmp, index=False)
         current.unlink()
