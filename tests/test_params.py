@@ -29,6 +29,7 @@ def test_default_params_are_valid(default_params):
         (("features", "workers"), 2.0, ["features.workers", "not of type 'integer'"]),
         (("pretrain", "max_steps"), 0, ["pretrain.max_steps", "-1 lets max_epochs"]),
         (("finetune", "seeds"), [0, 0], ["finetune.seeds", "non-unique"]),
+        (("finetune", "val_every_n_epochs"), 99, ["finetune.val_every_n_epochs", "max_epochs"]),
         (("report", "comparisons"), [["a", "b"]], ["report.comparisons", "not a run"]),
         (("data", "pretrain_subset"), "small", None),  # valid: small ⊂ small
     ],

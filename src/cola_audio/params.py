@@ -107,7 +107,13 @@ def _check_cross_field(params: dict[str, Any], source: str) -> None:
             f"data.pretrain_subset = {data['pretrain_subset']!r} is smaller than finetune_subset "
             f"{data['finetune_subset']!r}; pretraining needs the larger subset"
         )
-    runs = params["finetune"]["runs"]
+    ft = params["finetune"]
+    if ft["val_every_n_epochs"] > ft["max_epochs"]:
+        problems.append(
+            f"finetune.val_every_n_epochs = {ft['val_every_n_epochs']} exceeds max_epochs "
+            f"{ft['max_epochs']}: no validation would ever select a checkpoint"
+        )
+    runs = ft["runs"]
     if not runs["scratch"] and not runs["pretrained"]:
         problems.append("finetune.runs lists no run under scratch or pretrained")
     if both := sorted(set(runs["scratch"]) & set(runs["pretrained"])):
