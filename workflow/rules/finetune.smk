@@ -1,6 +1,13 @@
 FINETUNE_INPUTS = [
     *code(
-        "finetune", "training", "data", "store", "models/classifier", "models/encoder"
+        "finetune",
+        "training",
+        "data",
+        "store",
+        "stats",
+        "params",
+        "models/classifier",
+        "models/encoder",
     ),
     *shard_outputs("npy"),
     *shard_outputs("json"),
