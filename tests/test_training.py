@@ -273,3 +273,19 @@ def test_a_malformed_metrics_log_does_not_block_a_resume(tmp_path, caplog):
     assert not (logs / "metrics.csv").exists()
     assert len(list(logs.glob("metrics.csv.unreadable-*"))) == 1
     assert "unreadable" in caplog.text
+
+
+def test_two_processes_never_train_into_one_run_folder(tiny_data, tmp_path):
+    """A killed Snakemake leaves its job running; a rerun must not train beside it."""
+    import fcntl
+
+    from cola_audio import training
+
+    folder = tmp_path / "scratch-finetune" / "seed-0"
+    folder.mkdir(parents=True)
+    with open(folder / ".lock", "a+") as held:  # what the orphaned process holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(training.RunFolderBusy, match="in use by another training process"):
+            _finetune(tiny_data, tmp_path, "scratch-finetune")
+    assert not (folder / "metrics.json").exists()
+    assert _finetune(tiny_data, tmp_path, "scratch-finetune")["n_test"] > 0  # free again

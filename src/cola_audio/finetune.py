@@ -51,6 +51,33 @@ def run(
     cfg = params["finetune"]
     spec = _run_spec(cfg, run_name, seed)
     out = run_dir(out_dir, run_name, seed)
+    with training.exclusive(out):
+        return _run(
+            cfg,
+            spec,
+            run_name,
+            seed,
+            features,
+            meta_dir,
+            encoder,
+            out,
+            callbacks,
+            trainer_overrides,
+        )
+
+
+def _run(
+    cfg: dict[str, Any],
+    spec: dict[str, str],
+    run_name: str,
+    seed: int,
+    features: Path,
+    meta_dir: Path,
+    encoder: Path,
+    out: Path,
+    callbacks: list | None,
+    trainer_overrides: dict[str, Any],
+) -> dict[str, Any]:
     training.seed_everything(seed)
     data = GenreData(
         features,

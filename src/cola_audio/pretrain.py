@@ -39,8 +39,20 @@ def run(
     callbacks: list | None = None,
     **trainer_overrides: Any,
 ) -> dict[str, Any]:
-    cfg = params["pretrain"]
     out_dir = Path(out_dir)
+    with training.exclusive(out_dir):
+        return _run(params["pretrain"], features, meta_dir, out_dir, callbacks, trainer_overrides)
+
+
+def _run(
+    cfg: dict[str, Any],
+    features: Path,
+    meta_dir: Path,
+    out_dir: Path,
+    callbacks: list | None,
+    trainer_overrides: dict[str, Any],
+) -> dict[str, Any]:
+    """Wire data and model, fit (resuming only the same interrupted run), export the encoder."""
     training.seed_everything(cfg["seed"])
     data = PretrainData(
         features, meta_dir, cfg["crop_frames"], cfg["batch_size"], cfg["num_workers"], cfg["seed"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import itertools
 import json
@@ -10,7 +12,7 @@ import math
 import os
 import pickle
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +141,39 @@ def resume_point(out_dir: Path, identity: str) -> Path | None:
         return None
     log.info("resuming the interrupted run %s from %s", identity, last)
     return last
+
+
+class RunFolderBusy(RuntimeError):
+    """Another live process is training into the same run folder."""
+
+
+@contextlib.contextmanager
+def exclusive(out_dir: Path) -> Iterator[None]:
+    """Hold `<out_dir>/.lock` for the whole run: a second process training into the same folder
+    (an orphan left by a killed Snakemake keeps running) would interleave checkpoints and logs.
+    The kernel releases the lock when its holder dies, so a stale lock file never blocks. Only
+    rank 0 of a multi-process run takes it: the other ranks write nothing there."""
+    ranks = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    if any(os.environ.get(name, "0") != "0" for name in ranks):
+        yield
+        return
+    path = Path(out_dir) / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise RunFolderBusy(
+                f"{out_dir} is in use by another training process (pid {holder}); wait for it to "
+                "finish or stop it, then rerun"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
 
 
 def finish(out_dir: Path) -> None:
