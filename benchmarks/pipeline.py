@@ -47,7 +47,7 @@ def fma_large_metadata(repo: Path) -> None:
     meta.mkdir(parents=True, exist_ok=True)
     tracks.to_csv(meta / "tracks.csv")
     synthetic.genres_table(tracks).to_csv(meta / "genres.csv", index=False)
-    prepare.run(params, out_dir=repo / "data" / "meta")
+    prepare.run(params, out_dir=repo / "data" / "meta", raw_dir=meta.parent)
     fsutil.write_json(repo / "data" / "raw" / "SOURCE.json", {"source": "benchmark"})
 
 

@@ -28,13 +28,10 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def tiny_params_dict(root: Path | None = None) -> dict[str, Any]:
+def tiny_params_dict() -> dict[str, Any]:
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     tiny = yaml.safe_load((REPO / "tests" / "config_tiny" / "overrides.yaml").read_text())
-    merged = merge(base, tiny)
-    if root is not None:
-        merged["data"]["root"] = str(root)
-    return params.validate(merged)
+    return params.validate(merge(base, tiny))
 
 
 def require(path: Path) -> Path:
@@ -50,17 +47,17 @@ def default_params() -> dict[str, Any]:
 
 
 @pytest.fixture
-def tiny_params(tmp_path: Path) -> dict[str, Any]:
-    return tiny_params_dict(tmp_path / "raw")
+def tiny_params() -> dict[str, Any]:
+    return tiny_params_dict()
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The tiny embedded dataset, prepared and featurized once per session (read-only for tests)."""
     base = tmp_path_factory.mktemp("tiny")
-    p = tiny_params_dict(base / "raw")
-    download.run(p)
-    prepare.run(p, out_dir=base / "meta")
+    p = tiny_params_dict()
+    download.run(p, raw_dir=base / "raw", archive_dir=base / "downloads")
+    prepare.run(p, out_dir=base / "meta", raw_dir=base / "raw")
     featurize.run(p, meta_dir=base / "meta", out_dir=base / "features")
     return {
         "params": p,

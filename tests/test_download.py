@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import shutil
 import threading
 import zipfile
 
@@ -163,6 +164,19 @@ def test_zip_slip_member_is_refused(tmp_path, evil):
     assert not list(tmp_path.rglob("evil.txt"))
 
 
+def test_archive_whose_top_folder_is_not_its_name_is_refused_before_anything_is_removed(tmp_path):
+    """A correct-SHA1 fma_small.zip whose files sit under fma_metadata/ must not replace (rmtree)
+    the fma_metadata folder already extracted."""
+    raw = tmp_path / "raw"
+    (raw / "fma_metadata").mkdir(parents=True)
+    (raw / "fma_metadata" / "tracks.csv").write_text("keep me")
+    archive = tmp_path / "fma_small.zip"
+    archive.write_bytes(make_zip("fma_metadata", {"tracks.csv": b"other"}))
+    with pytest.raises(download.UnsafeArchiveError, match=r"under fma_metadata/, not fma_small/"):
+        download.extract(archive, raw)
+    assert (raw / "fma_metadata" / "tracks.csv").read_text() == "keep me"
+
+
 def test_member_failing_the_archive_checksums_is_named(tmp_path):
     files = {"000/000002.mp3": b"a" * 10, "000/000005.mp3": b"b" * 10}
     sums = {name: sha1(data) for name, data in files.items()}
@@ -188,14 +202,11 @@ def test_download_fma_end_to_end(server, tmp_path, tiny_data, default_params):
 
     archives = {f"{top}.zip": folder_zip(top) for top in ("fma_metadata", "fma_small", "fma_large")}
     server.files.update(archives)
-    data = dict(default_params["data"], source="fma", root=str(tmp_path / "raw"))
-    data["fma"] = dict(
-        data["fma"],
-        base_url=server.url,
-        sha1={name: sha1(blob) for name, blob in archives.items()},
-        **fast(),
-    )
-    download.run({**default_params, "data": data})
+    data = dict(default_params["data"], source="fma")
+    data["fma"] = {"sha1": {name: sha1(blob) for name, blob in archives.items()}}
+    params = {**default_params, "data": data, "download": {"base_url": server.url, **fast()}}
+    where = {"raw_dir": tmp_path / "raw", "archive_dir": tmp_path / "downloads"}
+    download.run(params, **where)
     for top in ("fma_metadata", "fma_small", "fma_large"):
         ours = sorted(p.relative_to(raw / top) for p in (raw / top).rglob("*.mp3"))
         got = sorted(
@@ -206,17 +217,47 @@ def test_download_fma_end_to_end(server, tmp_path, tiny_data, default_params):
         raw / "fma_metadata" / "tracks.csv"
     ).read_bytes()
     before = len(server.requests)
-    download.run({**default_params, "data": data})  # verified archives are not fetched again
+    download.run(params, **where)  # verified archives are not fetched again
     assert len(server.requests) == before
 
 
 def test_unknown_archive_checksum_is_named(default_params, tmp_path):
-    data = dict(default_params["data"], source="fma", root=str(tmp_path))
-    data["fma"] = dict(data["fma"], sha1={})
+    data = dict(default_params["data"], source="fma", fma={"sha1": {}})
     with pytest.raises(download.DownloadError, match="data.fma.sha1 has no entry for fma_metadata"):
-        download.download_fma(data)
+        download.download_fma(data, default_params["download"], tmp_path, tmp_path)
     assert download.archive_names(dict(data, finetune_subset="medium")) == [
         "fma_metadata.zip",
         "fma_medium.zip",
         "fma_large.zip",
+    ]
+
+
+def test_a_failed_download_keeps_verified_archives_and_the_rerun_fetches_only_the_rest(
+    server, tmp_path, default_params
+):
+    """Snakemake deletes data/raw when download fails (and both tools before a rerun); the
+    archives live outside it, so the rerun asks the server only for what is still missing."""
+    archives = {
+        "fma_metadata.zip": make_zip("fma_metadata", {"tracks.csv": b"t" * 100}),
+        "fma_small.zip": make_zip("fma_small", {"000/000002.mp3": b"a" * 3000}),
+        "fma_large.zip": make_zip("fma_large", {"000/000002.mp3": b"a" * 3000}),
+    }
+    data = dict(default_params["data"], source="fma")
+    data["fma"] = {"sha1": {name: sha1(blob) for name, blob in archives.items()}}
+    params = {**default_params, "data": data, "download": {"base_url": server.url, **fast()}}
+    raw, cache = tmp_path / "data" / "raw", tmp_path / "data" / "downloads"
+    server.files.update({k: v for k, v in archives.items() if k != "fma_large.zip"})
+    with pytest.raises(download.DownloadError, match="fma_large.zip: HTTP 404"):
+        download.run(params, raw_dir=raw, archive_dir=cache)
+    assert sorted(p.name for p in cache.iterdir()) == ["fma_metadata.zip", "fma_small.zip"]
+    shutil.rmtree(raw)  # what Snakemake does with a failed job's output
+    server.files["fma_large.zip"] = archives["fma_large.zip"]
+    server.requests.clear()
+    download.run(params, raw_dir=raw, archive_dir=cache)
+    assert [name for name, _ in server.requests] == ["fma_large.zip"]
+    assert sorted(p.name for p in raw.iterdir()) == [
+        "SOURCE.json",
+        "fma_large",
+        "fma_metadata",
+        "fma_small",
     ]

@@ -66,7 +66,6 @@ def work(tmp_path_factory) -> dict[str, Path]:
             (repo / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, repo / rel)
     params = tiny_params_dict()
-    params["data"]["root"] = "data/raw"
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git init -q && git add -A && git commit -qm init", repo)
     sh(f"dvc remote add -f -d local {remote}", repo)

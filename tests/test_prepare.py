@@ -35,9 +35,8 @@ def real_format_root(tmp_path):
     return tmp_path
 
 
-def _params(default_params, root, **data):
+def _params(default_params, **data):
     p = json.loads(json.dumps(default_params))
-    p["data"]["root"] = str(root / "raw")
     p["data"].update(data)
     return p
 
@@ -55,8 +54,9 @@ def test_reads_the_release_format(real_format_root):
 
 
 def test_metadata_documents(real_format_root, default_params):
-    p = _params(default_params, real_format_root)
-    docs = prepare.run(p, out_dir=real_format_root / "meta")
+    p = _params(default_params)
+    raw = real_format_root / "raw"
+    docs = prepare.run(p, out_dir=real_format_root / "meta", raw_dir=raw)
     ft = docs["finetune"]
     assert docs["labels"]["genres"] == ["Folk", "Hip-Hop", "Pop"]
     by_id = {t["track_id"]: t for t in ft["tracks"]}
@@ -65,7 +65,7 @@ def test_metadata_documents(real_format_root, default_params):
         "genre": "Hip-Hop",
         "label": 1,
         "split": "train",
-        "audio": f"{p['data']['root']}/fma_small/000/000002.mp3",
+        "audio": f"{raw.as_posix()}/fma_small/000/000002.mp3",
     }
     assert by_id[140]["split"] == "val" and by_id[10]["split"] == "test"
     assert ft["split_counts"] == {"train": 2, "val": 2, "test": 1}
@@ -76,11 +76,11 @@ def test_metadata_documents(real_format_root, default_params):
 
 
 def test_medium_subset_and_empty_genre_top(real_format_root, default_params):
-    p = _params(default_params, real_format_root, finetune_subset="medium")
-    docs = prepare.run(p, out_dir=real_format_root / "meta")
+    p = _params(default_params, finetune_subset="medium")
+    docs = prepare.run(p, out_dir=real_format_root / "meta", raw_dir=real_format_root / "raw")
     ids = [t["track_id"] for t in docs["finetune"]["tracks"]]
     assert ids == [2, 5, 10, 140, 141, 148]
-    p = _params(default_params, real_format_root, finetune_subset="large")
+    p = _params(default_params, finetune_subset="large")
     docs = prepare.build(
         fma.read_tracks(real_format_root / "raw/fma_metadata/tracks.csv"), p["data"], True
     )
@@ -91,8 +91,8 @@ def test_label_ids_do_not_depend_on_row_order(tiny_data):
     p = tiny_data["params"]
     tracks = fma.read_tracks(tiny_data["raw"] / "fma_metadata" / "tracks.csv")
     shuffled = tracks.sample(frac=1.0, random_state=np.random.RandomState(3))
-    a = prepare.build(tracks, p["data"], True)
-    b = prepare.build(shuffled, p["data"], True)
+    a = prepare.build(tracks, p["data"], True, tiny_data["raw"])
+    b = prepare.build(shuffled, p["data"], True, tiny_data["raw"])
     assert a == b
     assert a["labels"]["genres"] == sorted(a["labels"]["genres"])
 
@@ -119,8 +119,8 @@ def test_bad_tracks_csv_is_named(tmp_path, default_params):
     meta = tmp_path / "raw" / "fma_metadata"
     meta.mkdir(parents=True)
     pd.DataFrame({"a": [1]}).to_csv(meta / "tracks.csv")
-    p = _params(default_params, tmp_path)
+    p = _params(default_params)
     with pytest.raises(ValueError, match=r"tracks.csv: not an FMA tracks.csv"):
-        prepare.run(p, out_dir=tmp_path / "meta")
+        prepare.run(p, out_dir=tmp_path / "meta", raw_dir=tmp_path / "raw")
     with pytest.raises(FileNotFoundError, match="cola download"):
         fma.read_tracks(tmp_path / "nope.csv")

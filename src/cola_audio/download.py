@@ -1,10 +1,13 @@
-"""`cola download`: put the FMA release (real or embedded) under data.root in the release's layout.
+"""`cola download`: put the FMA release (real or embedded) under data/raw in the release's layout.
 
 Real archives are large (up to 93 GiB) and the server is far away, so a transfer resumes with HTTP
 Range after an interruption, retries with backoff, and only gets its final name once its SHA1
-matches the official sum. Extraction refuses members that would escape the target folder and
-checks every file against the archive's own `checksums` file before the folder appears under its
-final name.
+matches the official sum. The archives live in data/downloads/, outside the stage's declared output:
+Snakemake removes data/raw when the job fails and both tools before they rerun it, and neither must
+take verified archives or a `.part` file with it (DVC does not cache them either). Extraction
+refuses members that would escape the target folder or sit under another top folder than the
+archive's name promises, and checks every file against the archive's own `checksums` file before
+the folder appears under its final name.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from cola_audio import fma, fsutil, synthetic
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
+ARCHIVE_DIR = Path("data/downloads")  # the download cache: no stage's output, so never deleted
 
 
 class DownloadError(RuntimeError):
@@ -137,8 +141,10 @@ def _safe_member(name: str, archive: Path) -> PurePosixPath:
 
 
 def extract(archive: Path, root: Path) -> Path:
-    """Extract `archive` (one top folder, e.g. fma_small/) under `root`, verified, atomically."""
+    """Extract `archive` (its one top folder is its name: fma_small.zip → fma_small/) under
+    `root`, verified, atomically."""
     archive, root = Path(archive), Path(root)
+    expected = archive.name.removesuffix(".zip")
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -153,6 +159,11 @@ def extract(archive: Path, root: Path) -> Path:
         if len(tops) != 1:
             raise DownloadError(f"{archive}: expected one top-level folder, found {sorted(tops)}")
         top = tops.pop()
+        if top != expected:
+            raise UnsafeArchiveError(
+                f"{archive}: its files sit under {top}/, not {expected}/ as the archive name "
+                "promises; refusing it (nothing was removed). Delete it and download it again."
+            )
         staging = root / f".{top}.extracting"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -209,34 +220,40 @@ def archive_names(data: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def download_fma(data: dict[str, Any]) -> list[Path]:
-    root = Path(data["root"])
-    cfg = data["fma"]
+def download_fma(
+    data: dict[str, Any],
+    transport: dict[str, Any],
+    raw_dir: Path = fma.RAW_DIR,
+    archive_dir: Path = ARCHIVE_DIR,
+) -> list[Path]:
+    """Fetch (or reuse, once verified) each archive into `archive_dir`; extract it to `raw_dir`."""
     folders = []
     for name in archive_names(data):
-        if name not in cfg["sha1"]:
+        if name not in data["fma"]["sha1"]:
             raise DownloadError(f"data.fma.sha1 has no entry for {name}; add its official SHA1")
-        url = cfg["base_url"].rstrip("/") + "/" + name
+        url = transport["base_url"].rstrip("/") + "/" + name
         archive = fetch(
             url,
-            root / "archives" / name,
-            cfg["sha1"][name],
-            cfg["retries"],
-            cfg["backoff_s"],
-            cfg["timeout_s"],
+            Path(archive_dir) / name,
+            data["fma"]["sha1"][name],
+            transport["retries"],
+            transport["backoff_s"],
+            transport["timeout_s"],
         )
-        folders.append(extract(archive, root))
+        folders.append(extract(archive, Path(raw_dir)))
     return folders
 
 
-def run(params: dict[str, Any]) -> None:
-    data = params["data"]
-    root = Path(data["root"])
+def run(
+    params: dict[str, Any], raw_dir: Path = fma.RAW_DIR, archive_dir: Path = ARCHIVE_DIR
+) -> None:
+    data, raw_dir = params["data"], Path(raw_dir)
     if data["source"] == "synthetic":
         subsets = [data["finetune_subset"], data["pretrain_subset"]]
-        counts = synthetic.generate(data["synthetic"], root, subsets, params["features"]["workers"])
-        log.info("embedded dataset written to %s: %s", root, counts)
+        workers = params["features"]["workers"]
+        counts = synthetic.generate(data["synthetic"], raw_dir, subsets, workers)
+        log.info("embedded dataset written to %s: %s", raw_dir, counts)
     else:
-        folders = download_fma(data)
+        folders = download_fma(data, params["download"], raw_dir, archive_dir)
         log.info("FMA archives verified and extracted: %s", ", ".join(map(str, folders)))
-    fsutil.write_json(root / "SOURCE.json", {"source": data["source"]})
+    fsutil.write_json(raw_dir / "SOURCE.json", {"source": data["source"]})

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+RAW_DIR = Path("data/raw")  # where the release's folders land: download's output in both tools
 SUBSET_ORDER = ("small", "medium", "large")
 SPLITS = {"training": "train", "validation": "val", "test": "test"}
 

@@ -138,6 +138,60 @@ def finetune_runs(finetune: dict[str, Any]) -> dict[str, dict[str, str]]:
     }
 
 
+# Keys that change how fast a stage runs, never what it computes. No stage declares them, so an
+# edit reruns nothing in either tool. (`download` as a whole is transport: mirror, retries,
+# timeouts; the archives' SHA1s, under data.fma, fix what is downloaded.)
+SPEED_KEYS = {
+    "features": ("workers",),
+    "pretrain": ("num_workers",),
+    "finetune": ("num_workers",),
+}
+
+
+def declared_params(
+    params: dict[str, Any], section: str, skip: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """`section.key` → value for every key of a stage's section that can change its result,
+    as both orchestrators declare them (one entry per key, as DVC's get-started example does)."""
+    skip = SPEED_KEYS.get(section, ()) + skip
+    return {f"{section}.{k}": v for k, v in params[section].items() if k not in skip}
+
+
+def pick(params: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """`section.key` → value for each dotted key named."""
+    out = {}
+    for key in keys:
+        value: Any = params
+        for part in key.split("."):
+            value = value[part]
+        out[key] = value
+    return out
+
+
+def data_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The data keys that decide which audio lands in data/raw: the source, the two subsets and
+    that source's own section (data.synthetic or data.fma), never the other source's."""
+    source = params["data"]["source"]
+    return pick(
+        params, "data.source", "data.finetune_subset", "data.pretrain_subset", f"data.{source}"
+    )
+
+
+def report_params(params: dict[str, Any]) -> dict[str, Any]:
+    """What the report reads from params: its own section, which runs and seeds to score, and
+    how the data was sourced. The stages upstream are traced by their outputs' hashes and each
+    run's identity, not by their params again."""
+    return pick(
+        params,
+        "report",
+        "finetune.runs",
+        "finetune.seeds",
+        "data.source",
+        "data.finetune_subset",
+        "data.pretrain_subset",
+    )
+
+
 def load(path: str | Path = "params.yaml") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

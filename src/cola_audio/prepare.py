@@ -32,10 +32,13 @@ def label_map(genres: pd.Series) -> dict[str, int]:
 
 
 def build(
-    tracks: pd.DataFrame, data: dict[str, Any], exclude_eval_from_pretrain: bool
+    tracks: pd.DataFrame,
+    data: dict[str, Any],
+    exclude_eval_from_pretrain: bool,
+    raw_dir: Path = fma.RAW_DIR,
 ) -> dict[str, Any]:
     """Pure: the three metadata documents from a parsed tracks table."""
-    root = Path(data["root"])
+    root = Path(raw_dir)
     ft_subset, pt_subset = data["finetune_subset"], data["pretrain_subset"]
     ft = tracks[in_subset(tracks, ft_subset)]
     unlabelled = ft[ft[("track", "genre_top")] == ""]
@@ -97,12 +100,14 @@ def validate_meta(docs: dict[str, Any]) -> None:
             ) from exc
 
 
-def run(params: dict[str, Any], out_dir: str | Path = "data/meta") -> dict[str, Any]:
+def run(
+    params: dict[str, Any], out_dir: str | Path = "data/meta", raw_dir: Path = fma.RAW_DIR
+) -> dict[str, Any]:
     data = params["data"]
-    meta = Path(data["root"]) / "fma_metadata"
+    meta = Path(raw_dir) / "fma_metadata"
     tracks = fma.read_tracks(meta / "tracks.csv")
     fma.read_genres(meta / "genres.csv")  # fail early on a wrong or missing genre table
-    docs = build(tracks, data, params["prepare"]["exclude_eval_from_pretrain"])
+    docs = build(tracks, data, params["prepare"]["exclude_eval_from_pretrain"], Path(raw_dir))
     validate_meta(docs)
     for name, doc in docs.items():
         fsutil.write_json(Path(out_dir) / f"{name}.json", doc)

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from cola_audio import fsutil, stats  # noqa: E402
-from cola_audio.params import finetune_runs  # noqa: E402
+from cola_audio.params import finetune_runs, report_params  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,8 @@ def render_markdown(table: pd.DataFrame, context: dict[str, Any]) -> str:
         "",
         f"- git commit: `{prov['git']['commit']}`"
         + (" (uncommitted changes)" if prov["git"]["dirty"] else ""),
-        f"- params hash (sha1 of the resolved params.yaml): `{prov['params_hash']}`",
+        f"- params hash (sha1 of the params the report reads): `{prov['params_hash']}`; every "
+        "training run's identity (its stage's params, input bytes and code) is in results.json",
         f"- data source: `{context['source']}`",
         f"- clips featurized: {prov['features']['featurized']} of "
         f"{prov['features']['clips']}; skipped {prov['features']['skipped']}",
@@ -440,7 +441,21 @@ def pretrain_line(pre: dict[str, Any]) -> str:
 
 
 def provenance(params: dict[str, Any], features: Path, models: Path) -> dict[str, Any]:
-    """Code, parameters and data hashes every number in the report comes from."""
+    """Code, parameters and data hashes every number in the report comes from: the params the
+    report reads itself, and the identity of each run it scores (which covers that stage's
+    params, every input byte and the code), so upstream params are traced without the report
+    declaring them."""
+    runs = sorted(finetune_runs(params["finetune"]))
+    identities = {
+        "pretrain": fsutil.read_json(models / "pretrain" / "summary.json").get("run_identity"),
+        **{
+            f"{run}/seed-{seed}": fsutil.read_json(
+                models / "finetune" / run / f"seed-{seed}" / "metrics.json"
+            ).get("run_identity")
+            for run in runs
+            for seed in sorted(params["finetune"]["seeds"])
+        },
+    }
     tracked = [
         features / "index.csv",
         *sorted((features / "shards").glob("*.npy")),
@@ -448,7 +463,8 @@ def provenance(params: dict[str, Any], features: Path, models: Path) -> dict[str
     ]
     return {
         "git": git_state(),
-        "params_hash": params_hash(params),
+        "params_hash": params_hash(report_params(params)),
+        "run_identities": identities,
         "features": fsutil.read_json(features / "summary.json"),
         "skipped": pd.read_csv(features / "skipped.csv").to_dict("records"),
         "hashes": {p.as_posix(): md5_file(p) for p in tracked if p.is_file()},

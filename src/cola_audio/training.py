@@ -23,6 +23,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 from cola_audio import fsutil
+from cola_audio.params import SPEED_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def resolve_precision(trainer_cfg: dict[str, Any]) -> str:
     return "bf16-mixed" if on_gpu else "32-true"
 
 
-SPEED_ONLY_KEYS = ("num_workers",)  # change how fast a run goes, never what it computes
+SPEED_ONLY_KEYS = tuple(sorted({k for keys in SPEED_KEYS.values() for k in keys}))
 
 
 def run_identity(

@@ -3,7 +3,13 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from cola_audio.params import finetune_runs
+from cola_audio.params import (
+    data_params,
+    declared_params,
+    finetune_runs,
+    pick,
+    report_params,
+)
 
 validate(config, schema="../schemas/params.schema.yaml")
 
@@ -40,11 +46,9 @@ def finetune_outputs(run, seed):
 
 
 def finetune_params():
-    """The finetune keys a run's result depends on, each declared on its own (as dvc.yaml does):
-    the seed list and num_workers are left out, so adding a seed runs only the new jobs.
-    """
-    skip = ("seeds", "num_workers")
-    return {f"finetune.{k}": v for k, v in config["finetune"].items() if k not in skip}
+    """Every finetune key a run's result depends on, one entry each (as dvc.yaml declares them):
+    the seed list is left out, so adding a seed runs only the new jobs."""
+    return declared_params(config, "finetune", skip=("seeds",))
 
 
 def all_predictions():
@@ -55,7 +59,24 @@ def all_predictions():
 
 
 def get_final_output():
-    return ["reports/report.md", "reports/report.html"]
+    """Every stage's outputs, not just the report's: Snakemake lets an intermediate file be
+    missing while everything after it is up to date (as if it were temp()), so a shard deleted
+    or lost to a kill would never be rebuilt. As targets, missing ones are (as `dvc repro` does).
+    """
+    return [
+        *rules.download.output,
+        *rules.prepare.output,
+        *expand(rules.featurize_shard.output, shard=SHARDS),
+        *rules.featurize_gather.output,
+        *rules.pretrain.output,
+        *(
+            f
+            for run in sorted(RUNS)
+            for seed in sorted(SEEDS)
+            for f in finetune_outputs(run, seed)
+        ),
+        *rules.report.output,
+    ]
 
 
 onsuccess:

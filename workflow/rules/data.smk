@@ -12,7 +12,7 @@ rule download:
     resources:
         mem_mb=2000,
     params:
-        data=config["data"],
+        **data_params(config),  # only what changes the audio: never `download` (transport)
     shell:
         "cola --params params.yaml download > {log} 2>&1"
 
@@ -34,7 +34,7 @@ rule prepare:
     resources:
         mem_mb=2000,
     params:
-        data=config["data"],
+        **pick(config, "data.finetune_subset", "data.pretrain_subset"),
         prepare=config["prepare"],
     shell:
         "cola --params params.yaml prepare > {log} 2>&1"

@@ -16,7 +16,7 @@ rule featurize_shard:
     resources:
         mem_mb=4000,
     params:
-        features=config["features"],
+        **declared_params(config, "features"),
     shell:
         "cola --params params.yaml featurize --shard {wildcards.shard} > {log} 2>&1"
 
@@ -39,6 +39,6 @@ rule featurize_gather:
     resources:
         mem_mb=1000,
     params:
-        features=config["features"],
+        **declared_params(config, "features"),
     shell:
         "cola --params params.yaml featurize --gather > {log} 2>&1"

@@ -1,7 +1,15 @@
 rule pretrain:
     """COLA contrastive pretraining; on a GPU when the executor grants one."""
     input:
-        code("pretrain", "training", "data", "store", "models/cola", "models/encoder"),
+        code(
+            "pretrain",
+            "training",
+            "data",
+            "store",
+            "params",
+            "models/cola",
+            "models/encoder",
+        ),
         shard_outputs("npy"),
         shard_outputs("json"),
         "data/features/index.csv",
@@ -25,6 +33,6 @@ rule pretrain:
         mem_mb=16000,
         runtime=720,
     params:
-        pretrain=config["pretrain"],
+        **declared_params(config, "pretrain"),
     shell:
         "cola --params params.yaml pretrain > {log} 2>&1"

@@ -29,8 +29,6 @@ rule report:
     resources:
         mem_mb=2000,
     params:
-        report=config["report"],
-        finetune=config["finetune"],
-        data=config["data"],
+        **report_params(config),
     shell:
         "cola --params params.yaml report > {log} 2>&1"
