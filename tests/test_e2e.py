@@ -107,6 +107,30 @@ def test_second_snakemake_run_has_nothing_to_do(work):
     assert "Nothing to be done" in out.stdout + out.stderr
 
 
+def test_speed_and_transport_knobs_rerun_nothing_in_either_tool(work):
+    """Workers, retries, timeouts, the mirror and (in synthetic mode) the real archives' SHA1s
+    change how fast or from where, never what is computed: nothing may rerun."""
+    repo = work["repo"]
+    original = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["features"]["workers"] = 2
+    params["pretrain"]["num_workers"] = 1
+    params["finetune"]["num_workers"] = 1
+    params["download"].update(retries=1, timeout_s=5, backoff_s=0.5, base_url="http://mirror/")
+    params["data"]["fma"]["sha1"]["fma_large.zip"] = "0" * 40
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        dry = sh("snakemake --cores 2 -n", repo)
+        assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
+        assert json.loads(sh("dvc status --json", repo).stdout or "{}") == {}
+        params["data"]["synthetic"]["seed"] += 1  # the control: this one changes the audio
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        assert "download" in json.loads(sh("dvc status --json", repo).stdout)
+        assert "rule download:" in sh("snakemake --cores 2 -n", repo).stdout
+    finally:
+        (repo / "params.yaml").write_text(original)
+
+
 def test_a_new_seed_schedules_only_its_own_jobs_in_both_tools(work):
     repo = work["repo"]
     original = (repo / "params.yaml").read_text()
@@ -150,6 +174,20 @@ def test_finetune_param_edit_reruns_only_finetuning_and_report(work):
     after = json.loads(metrics.read_text())  # retrained from scratch, not a resumed old run
     assert after["run_identity"] != before["run_identity"]
     assert after["steps"] == before["steps"]
+
+
+def test_a_shard_lost_after_a_kill_is_rebuilt_identically(work):
+    """A killed featurize job (then `--unlock`) can leave a shard missing while everything after
+    it looks up to date; Snakemake must rebuild it, not say "Nothing to be done"."""
+    repo = work["repo"]
+    shard = repo / "data" / "features" / "shards" / "001.npy"
+    before = shard.read_bytes()
+    shard.unlink()
+    assert "featurize_shard@001" in json.loads(sh("dvc status --json", repo).stdout)
+    dry = sh("snakemake --cores 2 -n", repo).stdout
+    assert re.search(r"rule featurize_shard:.*?wildcards: shard=001", dry, re.S), dry[-3000:]
+    sh("snakemake --cores 2 --until featurize_shard", repo)
+    assert shard.read_bytes() == before
 
 
 def test_featurize_param_edit_reruns_featurize_and_everything_after(work):
