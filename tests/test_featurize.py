@@ -111,6 +111,39 @@ def test_each_bad_input_gets_its_reason(tmp_path, default_params):
     assert reasons[7] == "missing file"
 
 
+def _flac_announcing(path: Path, wave: np.ndarray, sr: int, frames: int) -> None:
+    """A FLAC whose STREAMINFO claims `frames` samples (a 36-bit field) whatever it holds."""
+    sf.write(path, wave, sr)
+    data = bytearray(path.read_bytes())
+    start = 8 + 10  # 'fLaC', block header; then rate(20) channels(3) bits(5) total(36) bits
+    packed = int.from_bytes(data[start : start + 8], "big")
+    packed = (packed & ~((1 << 36) - 1)) | frames
+    data[start : start + 8] = packed.to_bytes(8, "big")
+    path.write_bytes(bytes(data))
+
+
+def test_a_header_announcing_absurd_length_is_skipped_not_a_crash(tmp_path, default_params):
+    """2^36 - 1 frames announced for 3 s of audio: reading it in one piece was a MemoryError of
+    hundreds of GB that crashed the shard; now it is a skipped clip with its reason."""
+    wave = np.sin(np.arange(48000, dtype=np.float32) / 10) * 0.1
+    _flac_announcing(tmp_path / "liar.flac", wave, 16000, (1 << 36) - 1)
+    with sf.SoundFile(tmp_path / "liar.flac") as fh:
+        assert fh.frames == (1 << 36) - 1  # the file really lies
+    result = featurize.featurize_file(1, str(tmp_path / "liar.flac"), default_params["features"])
+    assert result.features is None
+    assert result.reason.startswith("truncated stream: decoded")
+    assert "68719476735 frames the header announces" in result.reason
+
+
+def test_non_finite_samples_are_skipped_with_their_reason(tmp_path, default_params):
+    wave = np.sin(np.arange(48000, dtype=np.float32) / 10) * 0.1
+    wave[1000] = np.nan
+    sf.write(tmp_path / "nan.wav", wave, 16000, subtype="FLOAT")
+    result = featurize.featurize_file(1, str(tmp_path / "nan.wav"), default_params["features"])
+    assert result.features is None
+    assert result.reason == "non-finite samples (NaN or infinity) in the decoded stream"
+
+
 def test_threshold_fails_the_stage_naming_the_files(tmp_path, default_params):
     files = _write_faulty(tmp_path / "audio")
     feats = dict(default_params["features"], n_shards=1, max_skipped_fraction=0.5)

@@ -87,3 +87,27 @@ def test_snakemake_can_use_the_same_schema():
     config["features"]["n_shards"] = "four"
     with pytest.raises(Exception, match="n_shards|four"):
         validate(config, str(REPO / "workflow" / "schemas" / "params.schema.yaml"))
+
+
+def test_cli_gives_bad_input_one_line_but_a_bug_its_traceback(tmp_path: Path, capsys, monkeypatch):
+    """The stage's own error types (bad input the user can fix) become one line and exit 1; any
+    other exception is a bug and must propagate with its traceback, not be printed as one line."""
+    from cola_audio import finetune
+    from cola_audio.errors import MissingInput
+
+    def missing(*args, **kwargs):
+        raise MissingInput("models/pretrain/encoder.safetensors: missing; run `cola pretrain`")
+
+    def bug(*args, **kwargs):
+        raise ValueError("a bug deep inside")
+
+    argv = ["--params", str(REPO / "params.yaml"), "finetune", "--run", "x", "--seed", "0"]
+    monkeypatch.setattr(finetune, "run", missing)
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "cola finetune: error: models/pretrain/encoder.safetensors: missing; run `cola pretrain`"
+    )
+    monkeypatch.setattr(finetune, "run", bug)
+    with pytest.raises(ValueError, match="a bug deep inside"):
+        cli.main(argv)

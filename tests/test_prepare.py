@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cola_audio import fma, prepare
+from cola_audio import featurize, fma, meta, prepare
+from cola_audio.errors import BadInput
 from conftest import FMA_REAL, require
 
 REAL_FORMAT_TRACKS = """\
@@ -82,7 +83,7 @@ def test_medium_subset_and_empty_genre_top(real_format_root, default_params):
     assert ids == [2, 5, 10, 140, 141, 148]
     p = _params(default_params, finetune_subset="large")
     docs = prepare.build(
-        fma.read_tracks(real_format_root / "raw/fma_metadata/tracks.csv"), p["data"], True
+        fma.read_tracks(real_format_root / "raw/fma_metadata/tracks.csv"), p["data"], p["prepare"]
     )
     assert docs["finetune"]["dropped_without_genre_top"] == [150]
 
@@ -91,8 +92,8 @@ def test_label_ids_do_not_depend_on_row_order(tiny_data):
     p = tiny_data["params"]
     tracks = fma.read_tracks(tiny_data["raw"] / "fma_metadata" / "tracks.csv")
     shuffled = tracks.sample(frac=1.0, random_state=np.random.RandomState(3))
-    a = prepare.build(tracks, p["data"], True, tiny_data["raw"])
-    b = prepare.build(shuffled, p["data"], True, tiny_data["raw"])
+    a = prepare.build(tracks, p["data"], p["prepare"], tiny_data["raw"])
+    b = prepare.build(shuffled, p["data"], p["prepare"], tiny_data["raw"])
     assert a == b
     assert a["labels"]["genres"] == sorted(a["labels"]["genres"])
 
@@ -110,7 +111,8 @@ def test_pretraining_set_excludes_evaluation_audio(tiny_data):
 def test_guard_off_lets_evaluation_audio_in(tiny_data):
     p = tiny_data["params"]
     tracks = fma.read_tracks(tiny_data["raw"] / "fma_metadata" / "tracks.csv")
-    docs = prepare.build(tracks, p["data"], exclude_eval_from_pretrain=False)
+    guard = {"exclude_eval_from_pretrain": False, "exclude_eval_artists": False}
+    docs = prepare.build(tracks, p["data"], guard)
     assert docs["pretrain"]["excluded_eval_tracks"] == 0
     assert len(docs["pretrain"]["tracks"]) == len(tracks)
 
@@ -124,3 +126,53 @@ def test_bad_tracks_csv_is_named(tmp_path, default_params):
         prepare.run(p, out_dir=tmp_path / "meta", raw_dir=tmp_path / "raw")
     with pytest.raises(FileNotFoundError, match="cola download"):
         fma.read_tracks(tmp_path / "nope.csv")
+
+
+def test_duplicate_track_ids_are_an_error_naming_them(real_format_root, default_params):
+    """Two rows for track 10 would put one clip twice into the metadata (and into two splits)."""
+    tracks_csv = real_format_root / "raw" / "fma_metadata" / "tracks.csv"
+    row_10 = next(line for line in REAL_FORMAT_TRACKS.splitlines() if line.startswith("10,"))
+    tracks_csv.write_text(REAL_FORMAT_TRACKS + row_10.replace(",test,", ",training,") + "\n")
+    with pytest.raises(BadInput, match=r"tracks.csv: 1 track id\(s\) listed more than once \(10\)"):
+        prepare.run(default_params, real_format_root / "meta", real_format_root / "raw")
+    assert not (real_format_root / "meta").exists()
+
+
+def test_artist_guard_leaves_out_other_tracks_by_evaluation_artists(
+    real_format_root, default_params
+):
+    """Track 200 (fma_large only, training) is by artist 54, whose tracks 140/141 are fine-tuning
+    validation: the stricter guard keeps it out of pretraining, the track guard alone does not."""
+    tracks_csv = real_format_root / "raw" / "fma_metadata" / "tracks.csv"
+    extra = "200,61,Ashes,54,,training,large,128000,100,Folk,[17],[17],Ohio again\n"
+    tracks_csv.write_text(REAL_FORMAT_TRACKS + extra)
+    tracks = fma.read_tracks(tracks_csv)
+    strict = prepare.build(tracks, default_params["data"], default_params["prepare"])
+    assert default_params["prepare"]["exclude_eval_artists"]  # on by default
+    assert [t["track_id"] for t in strict["pretrain"]["tracks"]] == [2, 5, 148, 150, 182]
+    assert strict["pretrain"]["excluded_eval_artist_tracks"] == 1
+    loose_guard = {"exclude_eval_from_pretrain": True, "exclude_eval_artists": False}
+    loose = prepare.build(tracks, default_params["data"], loose_guard)
+    assert [t["track_id"] for t in loose["pretrain"]["tracks"]] == [2, 5, 148, 150, 182, 200]
+    assert loose["pretrain"]["excluded_eval_artist_tracks"] == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "why"),
+    [
+        ("finetune", lambda d: d["tracks"][0].update(label="rock"), "invalid at tracks.0.label"),
+        ("pretrain", lambda d: d["tracks"].append(d["tracks"][0]), "listed more than once"),
+        ("labels", lambda d: d.pop("genres"), "'genres' is a required property"),
+    ],
+)
+def test_a_damaged_metadata_file_is_named_where_it_is_read(tiny_data, tmp_path, name, damage, why):
+    meta_dir = tmp_path / "meta"
+    shutil.copytree(tiny_data["meta"], meta_dir)
+    doc = json.loads((meta_dir / f"{name}.json").read_text())
+    damage(doc)
+    (meta_dir / f"{name}.json").write_text(json.dumps(doc))
+    with pytest.raises(BadInput, match=rf"{name}.json: .*{why}.*rerun `cola prepare`"):
+        meta.read(meta_dir, name)
+    if name != "labels":
+        with pytest.raises(BadInput, match=rf"{name}.json"):
+            featurize.tracks_to_featurize(meta_dir)

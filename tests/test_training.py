@@ -13,6 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from cola_audio import finetune, pretrain
+from cola_audio.errors import BadInput
 from cola_audio.models.encoder import Encoder, save_encoder
 from conftest import REPO
 
@@ -98,9 +99,9 @@ def test_finetune_mode_changes_the_encoder(tiny_data, tmp_path, encoder_file):
 def test_pretrained_init_without_an_encoder_is_an_error(tiny_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="cola pretrain"):
         _finetune(tiny_data, tmp_path, "pretrained-finetune", tmp_path / "none.safetensors")
-    with pytest.raises(KeyError, match="choose one of random-linear, scratch-finetune"):
+    with pytest.raises(BadInput, match="choose one of random-linear, scratch-finetune"):
         _finetune(tiny_data, tmp_path, "nonsense")
-    with pytest.raises(KeyError, match="not in finetune.seeds"):
+    with pytest.raises(BadInput, match="not in finetune.seeds"):
         _finetune(tiny_data, tmp_path, "scratch-finetune", seed=99)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cola_audio import params as params_mod
+from cola_audio.errors import InputError
 
 log = logging.getLogger("cola_audio")
 
@@ -149,17 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         params = params_mod.load(args.params)
         args.func(args, params)
-    except params_mod.ParamsError as exc:
-        print(f"cola {args.stage}: {exc}", file=sys.stderr)
-        return 2
-    except (
-        FileNotFoundError,
-        ValueError,
-        KeyError,
-        RuntimeError,
-        OSError,
-        subprocess.CalledProcessError,
-    ) as exc:
+    except InputError as exc:  # bad input a user can fix: one line naming it and the fix
+        print(f"cola {args.stage}: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, params_mod.ParamsError) else 1
+    except subprocess.CalledProcessError as exc:  # dvc or snakemake, which printed their reason
         print(f"cola {args.stage}: error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -15,7 +15,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cola_audio import fsutil
+from cola_audio import meta
+from cola_audio.errors import BadInput
 from cola_audio.store import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -161,13 +162,11 @@ class PretrainData(StoreData):
         if self.dataset is not None:
             return
         store = FeatureStore(self.features)
-        listed = [
-            t["track_id"] for t in fsutil.read_json(self.meta_dir / "pretrain.json")["tracks"]
-        ]
+        listed = [t["track_id"] for t in meta.read(self.meta_dir, "pretrain")["tracks"]]
         ids = [t for t in listed if t in store]
         self.n_missing = len(listed) - len(ids)
         if len(ids) < 2:
-            raise ValueError(f"{self.features}: fewer than two pretraining clips are featurized")
+            raise BadInput(f"{self.features}: fewer than two pretraining clips are featurized")
         self.dataset = PretrainViews(store, ids, self.crop_frames)
         log.info(
             "pretraining on %d clips (%d listed but skipped at featurization, %d shorter "
@@ -206,14 +205,14 @@ class GenreData(StoreData):
         if self.store is not None:
             return
         self.store = FeatureStore(self.features)
-        self.genres = fsutil.read_json(self.meta_dir / "labels.json")["genres"]
-        tracks = fsutil.read_json(self.meta_dir / "finetune.json")["tracks"]
+        self.genres = meta.read(self.meta_dir, "labels")["genres"]
+        tracks = meta.read(self.meta_dir, "finetune")["tracks"]
         for split in ("train", "val", "test"):
             listed = [t for t in tracks if t["split"] == split]
             self.splits[split] = [t for t in listed if t["track_id"] in self.store]
             self.missing[split] = len(listed) - len(self.splits[split])
             if not self.splits[split]:
-                raise ValueError(f"no featurized {split} clips in {self.features}")
+                raise BadInput(f"no featurized {split} clips in {self.features}")
 
     def train_dataloader(self) -> DataLoader:
         assert self.store is not None

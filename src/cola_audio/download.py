@@ -25,13 +25,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cola_audio import fma, fsutil, synthetic
+from cola_audio.errors import InputError
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 ARCHIVE_DIR = Path("data/downloads")  # the download cache: no stage's output, so never deleted
 
 
-class DownloadError(RuntimeError):
+class DownloadError(InputError, RuntimeError):
     """A transfer that cannot complete: the message names the URL and what to do."""
 
 

@@ -9,6 +9,7 @@ atomically, so a killed job never leaves a shard that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -26,14 +27,15 @@ import soundfile as sf
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from cola_audio import fsutil
+from cola_audio import fsutil, meta
+from cola_audio.errors import BadInput, InputError, MissingInput
 from cola_audio.frontend import FrontEnd
 
 log = logging.getLogger(__name__)
 DTYPE = np.float16
 
 
-class TooManySkipped(RuntimeError):
+class TooManySkipped(InputError, RuntimeError):
     """More clips failed to decode than features.max_skipped_fraction allows."""
 
 
@@ -44,11 +46,24 @@ class Decoded:
     reason: str | None = None
 
 
+# Frames per byte of file beyond which a header is not trusted with one allocation: an 8 kb/s MP3
+# at 48 kHz holds 48. A damaged FLAC header announced 2^36 frames (a 275 GB read) for 83 kB here.
+PLAUSIBLE_FRAMES_PER_BYTE = 64
+BLOCK_FRAMES = 1 << 15  # libsndfile fails the block that reaches a lying header's end: lose little
+
+
 def decode(path: Path) -> tuple[np.ndarray, int, int]:
     """(mono float32 waveform, sample rate, frames the header announces)."""
     with sf.SoundFile(path) as fh:
         header_frames, sr = fh.frames, fh.samplerate
-        audio = fh.read(dtype="float32", always_2d=True)
+        if header_frames <= PLAUSIBLE_FRAMES_PER_BYTE * Path(path).stat().st_size:
+            audio = fh.read(dtype="float32", always_2d=True)
+        else:  # read what the stream really holds, block by block
+            blocks = []
+            with contextlib.suppress(sf.LibsndfileError):  # libsndfile's seek past the real end
+                while len(block := fh.read(BLOCK_FRAMES, dtype="float32", always_2d=True)):
+                    blocks.append(block)
+            audio = np.concatenate(blocks) if blocks else np.empty((0, fh.channels), np.float32)
     return downmix(audio), sr, header_frames
 
 
@@ -76,13 +91,15 @@ def check_audio(path: Path, features: dict[str, Any]) -> tuple[np.ndarray, int] 
     except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
         detail = getattr(exc, "error_string", None) or str(exc)
         return f"undecodable: no audio stream libsndfile can open ({detail})"
-    if len(wave) == 0:
-        return "no audio frames (tags only?)"
     if header_frames > 0 and len(wave) < features["min_decoded_fraction"] * header_frames:
         return (
             f"truncated stream: decoded {len(wave)} of {header_frames} frames the header "
             f"announces ({len(wave) / header_frames:.0%})"
         )
+    if len(wave) == 0:
+        return "no audio frames (tags only?)"
+    if not np.isfinite(wave).all():
+        return "non-finite samples (NaN or infinity) in the decoded stream"
     seconds = len(wave) / sr
     if seconds < features["min_seconds"]:
         return f"too short: {seconds:.2f} s < features.min_seconds {features['min_seconds']}"
@@ -107,8 +124,8 @@ def _featurize_star(args: tuple[int, str, dict[str, Any]]) -> Decoded:
 
 def tracks_to_featurize(meta_dir: Path) -> dict[int, str]:
     """Union of fine-tuning and pretraining tracks → audio path (the fine-tuning copy first)."""
-    finetune = fsutil.read_json(meta_dir / "finetune.json")["tracks"]
-    pretrain = fsutil.read_json(meta_dir / "pretrain.json")["tracks"]
+    finetune = meta.read(meta_dir, "finetune")["tracks"]
+    pretrain = meta.read(meta_dir, "pretrain")["tracks"]
     paths: dict[int, str] = {}
     for track in pretrain + finetune:  # later wins: fine-tuning paths override
         paths[int(track["track_id"])] = track["audio"]
@@ -194,19 +211,19 @@ def featurize_shard(
 def load_shard_index(out_dir: Path, shard: int, n_shards: int) -> dict[str, Any]:
     npy_path, json_path = shard_paths(out_dir, shard)
     if not json_path.is_file():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{json_path}: shard {shard} is missing or incomplete; run "
             f"`cola featurize --shard {shard}`"
         )
     doc = fsutil.read_json(json_path)
     if doc["n_shards"] != n_shards:
-        raise ValueError(
+        raise BadInput(
             f"{json_path}: written for {doc['n_shards']} shards, params say "
             f"{n_shards}; rerun `cola featurize`"
         )
     frames = np.load(npy_path, mmap_mode="r").shape[0]
     if frames != doc["total_frames"]:
-        raise ValueError(
+        raise BadInput(
             f"{npy_path}: holds {frames} frames, its index says "
             f"{doc['total_frames']}; rerun `cola featurize --shard {shard}`"
         )
@@ -270,7 +287,7 @@ def run(
     features = params["features"]
     n_workers = features["workers"] if workers is None else workers
     if shard is not None and not 0 <= shard < features["n_shards"]:
-        raise ValueError(
+        raise BadInput(
             f"--shard {shard} is out of range: features.n_shards = "
             f"{features['n_shards']} allows 0..{features['n_shards'] - 1}"
         )

@@ -11,6 +11,7 @@ import pandas as pd
 
 from cola_audio import fsutil, training
 from cola_audio.data import GenreData
+from cola_audio.errors import BadInput, MissingInput
 from cola_audio.models.classifier import GenreClassifier
 from cola_audio.models.encoder import load_encoder_weights
 from cola_audio.params import finetune_runs
@@ -92,7 +93,7 @@ def _run(
     inputs = [*FeatureStore.files(features), Path(meta_dir) / "finetune.json"]
     if spec["init"] == "pretrained":
         if not Path(encoder).is_file():
-            raise FileNotFoundError(f"{encoder}: no pretrained encoder; run `cola pretrain` first")
+            raise MissingInput(f"{encoder}: no pretrained encoder; run `cola pretrain` first")
         inputs.append(Path(encoder))
     identity = training.run_identity(
         cfg, inputs, ignore=("seeds", "runs"), run=run_name, seed=seed, **spec
@@ -153,11 +154,11 @@ def _run(
 def _run_spec(cfg: dict[str, Any], run_name: str, seed: int) -> dict[str, str]:
     runs = finetune_runs(cfg)
     if run_name not in runs:
-        raise KeyError(
+        raise BadInput(
             f"--run {run_name!r} is not in finetune.runs; choose one of {', '.join(runs)}"
         )
     if seed not in cfg["seeds"]:
-        raise KeyError(f"--seed {seed} is not in finetune.seeds {cfg['seeds']}; add it there first")
+        raise BadInput(f"--seed {seed} is not in finetune.seeds {cfg['seeds']}; add it there first")
     return runs[run_name]
 
 
@@ -166,7 +167,7 @@ def _load_best(out: Path, best_cb: Any, max_steps: int, run_name: str) -> dict[s
     callback may remember an absolute path from another checkout)."""
     path = Path(out) / "checkpoints" / "best.ckpt"
     if best_cb.best_model_score is None or not path.is_file():
-        raise RuntimeError(
+        raise BadInput(
             f"{run_name}: training stopped before the first validation (finetune.max_steps = "
             f"{max_steps} ends inside epoch 0); raise max_steps or set it to -1"
         )

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from cola_audio.errors import BadInput, MissingInput
+
 RAW_DIR = Path("data/raw")  # where the release's folders land: download's output in both tools
 SUBSET_ORDER = ("small", "medium", "large")
 SPLITS = {"training": "train", "validation": "val", "test": "test"}
@@ -28,8 +30,9 @@ def read_tracks(path: str | Path) -> pd.DataFrame:
     try:
         tracks = pd.read_csv(path, index_col=0, header=[0, 1], low_memory=False)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing; run `cola download` first") from None
+        raise MissingInput(f"{path}: missing; run `cola download` first") from None
     needed = [
+        ("artist", "id"),
         ("set", "split"),
         ("set", "subset"),
         ("track", "genre_top"),
@@ -38,9 +41,15 @@ def read_tracks(path: str | Path) -> pd.DataFrame:
     ]
     missing = [".".join(c) for c in needed if c not in tracks.columns]
     if missing or tracks.index.name != "track_id":
-        raise ValueError(
+        raise BadInput(
             f"{path}: not an FMA tracks.csv (missing columns {missing or 'none'}, index "
             f"{tracks.index.name!r}); expected the release's three-line, two-level header"
+        )
+    if dupes := sorted(set(tracks.index[tracks.index.duplicated()])):
+        shown = ", ".join(map(str, dupes[:10])) + (" …" if len(dupes) > 10 else "")
+        raise BadInput(
+            f"{path}: {len(dupes)} track id(s) listed more than once ({shown}); one id must be "
+            "one clip. The file is damaged or was edited: rerun `cola download` to restore it"
         )
     for col in [("track", "genres"), ("track", "genres_all"), ("track", "tags")]:
         if col in tracks.columns:
@@ -57,7 +66,7 @@ def read_genres(path: str | Path) -> pd.DataFrame:
     genres = pd.read_csv(path, index_col=0)
     expected = {"#tracks", "parent", "title", "top_level"}
     if genres.index.name != "genre_id" or not expected <= set(genres.columns):
-        raise ValueError(f"{path}: not an FMA genres.csv (columns genre_id,{','.join(expected)})")
+        raise BadInput(f"{path}: not an FMA genres.csv (columns genre_id,{','.join(expected)})")
     return genres
 
 
@@ -70,6 +79,6 @@ def read_checksums(path: str | Path) -> dict[str, str]:
             continue
         digest, sep, name = line.partition("  ")
         if not sep or len(digest) != 40:
-            raise ValueError(f"{path}:{lineno}: not a `sha1  path` line: {line!r}")
+            raise BadInput(f"{path}:{lineno}: not a `sha1  path` line: {line!r}")
         entries[name.strip()] = digest.lower()
     return entries

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cola_audio.errors import BadInput, MissingInput
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -56,6 +58,6 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing; run the stage that writes it first") from None
+        raise MissingInput(f"{path}: missing; run the stage that writes it first") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc}); delete it and rerun its stage") from exc
+        raise BadInput(f"{path}: not valid JSON ({exc}); delete it and rerun its stage") from exc

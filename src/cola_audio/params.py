@@ -13,10 +13,12 @@ from typing import Any
 import jsonschema
 import yaml
 
+from cola_audio.errors import InputError
+
 SCHEMA_NAME = "params.schema.yaml"
 
 
-class ParamsError(ValueError):
+class ParamsError(InputError, ValueError):
     """params.yaml is missing, unreadable or invalid; the message says which key and how to fix."""
 
 

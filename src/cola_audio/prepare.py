@@ -11,14 +11,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pandas as pd
 
-from cola_audio import fma, fsutil
-from cola_audio.params import load_schema
+from cola_audio import fma, fsutil, meta
+from cola_audio.errors import BadInput
 
 log = logging.getLogger(__name__)
-META_SCHEMA = "meta.schema.yaml"
 
 
 def in_subset(tracks: pd.DataFrame, subset: str) -> pd.Series:
@@ -34,10 +32,11 @@ def label_map(genres: pd.Series) -> dict[str, int]:
 def build(
     tracks: pd.DataFrame,
     data: dict[str, Any],
-    exclude_eval_from_pretrain: bool,
+    guard: dict[str, bool],
     raw_dir: Path = fma.RAW_DIR,
 ) -> dict[str, Any]:
-    """Pure: the three metadata documents from a parsed tracks table."""
+    """Pure: the three metadata documents from a parsed tracks table. `guard` is the prepare
+    section: which fine-tuning validation/test audio (and artists) pretraining must not see."""
     root = Path(raw_dir)
     ft_subset, pt_subset = data["finetune_subset"], data["pretrain_subset"]
     ft = tracks[in_subset(tracks, ft_subset)]
@@ -46,7 +45,7 @@ def build(
     labels = label_map(ft[("track", "genre_top")])
     bad_split = sorted(set(ft[("set", "split")]) - set(fma.SPLITS))
     if bad_split:
-        raise ValueError(
+        raise BadInput(
             f"tracks.csv: unknown set.split values {bad_split}; expected {sorted(fma.SPLITS)}"
         )
     finetune = [
@@ -60,14 +59,18 @@ def build(
         for tid, row in ft.sort_index().iterrows()
     ]
     held_out = {t["track_id"] for t in finetune if t["split"] != "train"}
+    artists = tracks[("artist", "id")]
+    held_out_artists = set(artists[sorted(held_out)]) if guard["exclude_eval_artists"] else set()
     pt = tracks[in_subset(tracks, pt_subset)].sort_index()
+    by_track = {int(t) for t in pt.index if guard["exclude_eval_from_pretrain"] and t in held_out}
+    by_artist = {int(t) for t in pt.index if artists[t] in held_out_artists} - held_out
     pretrain = [
         {
             "track_id": int(tid),
             "audio": (root / f"fma_{pt_subset}" / fma.audio_relpath(tid)).as_posix(),
         }
         for tid in pt.index
-        if not (exclude_eval_from_pretrain and int(tid) in held_out)
+        if int(tid) not in by_track | by_artist
     ]
     split_counts = {s: sum(t["split"] == s for t in finetune) for s in ("train", "val", "test")}
     return {
@@ -81,44 +84,41 @@ def build(
         },
         "pretrain": {
             "subset": pt_subset,
-            "excluded_eval_tracks": len(held_out) if exclude_eval_from_pretrain else 0,
+            "excluded_eval_tracks": len(by_track),
+            "excluded_eval_artist_tracks": len(by_artist),
             "tracks": pretrain,
         },
     }
 
 
 def validate_meta(docs: dict[str, Any]) -> None:
-    schema = load_schema(META_SCHEMA)
+    """The documents about to be written must pass the schema their readers check (a bug here
+    otherwise, not bad input)."""
     for name, doc in docs.items():
-        sub = {"$defs": schema["$defs"], **schema["properties"][name]}
-        try:
-            jsonschema.validate(doc, sub)
-        except jsonschema.ValidationError as exc:
-            where = ".".join(map(str, exc.absolute_path))
-            raise ValueError(
-                f"data/meta/{name}.json would be invalid at {where}: {exc.message}"
-            ) from exc
+        if (why := meta.problem(name, doc)) is not None:
+            raise ValueError(f"data/meta/{name}.json would be {why}")
 
 
 def run(
     params: dict[str, Any], out_dir: str | Path = "data/meta", raw_dir: Path = fma.RAW_DIR
 ) -> dict[str, Any]:
     data = params["data"]
-    meta = Path(raw_dir) / "fma_metadata"
-    tracks = fma.read_tracks(meta / "tracks.csv")
-    fma.read_genres(meta / "genres.csv")  # fail early on a wrong or missing genre table
-    docs = build(tracks, data, params["prepare"]["exclude_eval_from_pretrain"], Path(raw_dir))
+    release = Path(raw_dir) / "fma_metadata"
+    tracks = fma.read_tracks(release / "tracks.csv")
+    fma.read_genres(release / "genres.csv")  # fail early on a wrong or missing genre table
+    docs = build(tracks, data, params["prepare"], Path(raw_dir))
     validate_meta(docs)
     for name, doc in docs.items():
         fsutil.write_json(Path(out_dir) / f"{name}.json", doc)
     ft = docs["finetune"]
     log.info(
         "fine-tuning set: %d tracks, %d genres, split %s; pretraining set: %d tracks "
-        "(%d validation/test tracks excluded)",
+        "(%d validation/test tracks and %d more by their artists excluded)",
         len(ft["tracks"]),
         ft["n_classes"],
         ft["split_counts"],
         len(docs["pretrain"]["tracks"]),
         docs["pretrain"]["excluded_eval_tracks"],
+        docs["pretrain"]["excluded_eval_artist_tracks"],
     )
     return docs

@@ -23,7 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from cola_audio import fsutil, stats  # noqa: E402
+from cola_audio import fsutil, meta, stats  # noqa: E402
+from cola_audio.errors import BadInput  # noqa: E402
 from cola_audio.params import finetune_runs, report_params  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def load_scored(
             if reference is None:
                 reference = ids
             elif not np.array_equal(ids, reference):
-                raise ValueError(
+                raise BadInput(
                     f"{path}: scored other test clips than the first run; rerun `cola finetune`"
                 )
             frames.append(frame)
@@ -384,7 +385,7 @@ def run(
     boot = {"confidence": cfg["confidence"], "n": cfg["bootstrap_resamples"], "seed": 0}
     specs = finetune_runs(params["finetune"])
     seeds = sorted(params["finetune"]["seeds"])
-    genres = fsutil.read_json(Path(meta_dir) / "labels.json")["genres"]
+    genres = meta.read(meta_dir, "labels")["genres"]
     scored = load_scored(Path(models), list(specs), seeds, genres)
     summaries = {
         name: stats.run_summary(s, boot["confidence"], boot["n"], boot["seed"])

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import bootstrap
 
+from cola_audio.errors import BadInput
+
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> np.ndarray:
     """(n_classes, n_classes) counts, rows actual, columns predicted."""
@@ -138,7 +140,7 @@ def paired_difference(
     """Seed-mean accuracy of `a` minus that of `b`, with a paired bootstrap interval: both runs
     are scored on the same resampled clips, so clip difficulty cancels out."""
     if not np.array_equal(a.labels, b.labels):
-        raise ValueError("paired runs must be scored on the same test clips in the same order")
+        raise BadInput("paired runs must be scored on the same test clips in the same order")
 
     def diff(idx: np.ndarray) -> np.ndarray:
         return a.accuracy(idx) - b.accuracy(idx)

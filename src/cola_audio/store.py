@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from cola_audio import fsutil
+from cola_audio.errors import MissingInput
 from cola_audio.featurize import shard_paths
 
 
@@ -18,7 +19,7 @@ class FeatureStore:
         self.root = Path(root)
         index_path = self.root / "index.csv"
         if not index_path.is_file():
-            raise FileNotFoundError(f"{index_path}: missing; run `cola featurize` first")
+            raise MissingInput(f"{index_path}: missing; run `cola featurize` first")
         index = pd.read_csv(index_path)
         self.track_ids = index["track_id"].to_numpy(np.int64)
         self.shards = index["shard"].to_numpy(np.int64)

@@ -23,12 +23,13 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 from cola_audio import fsutil
+from cola_audio.errors import InputError, MissingInput
 from cola_audio.params import SPEED_KEYS
 
 log = logging.getLogger(__name__)
 
 
-class UnsafeCheckpoint(RuntimeError):
+class UnsafeCheckpoint(InputError, RuntimeError):
     """A checkpoint that would need arbitrary unpickling to load."""
 
 
@@ -106,7 +107,7 @@ def safe_load(path: str | Path) -> dict[str, Any]:
         ) from exc
 
 
-class UnreadableCheckpoint(RuntimeError):
+class UnreadableCheckpoint(InputError, RuntimeError):
     """A truncated or damaged checkpoint file."""
 
 
@@ -144,7 +145,7 @@ def resume_point(out_dir: Path, identity: str) -> Path | None:
     return last
 
 
-class RunFolderBusy(RuntimeError):
+class RunFolderBusy(InputError, RuntimeError):
     """Another live process is training into the same run folder."""
 
 
@@ -365,7 +366,7 @@ def export_curve(out_dir: Path, columns: list[str], dest: Path, x: str = "step")
     logs = Path(out_dir) / "logs"
     parts = [pd.read_csv(p) for p in (logs / EARLIER_METRICS, logs / "metrics.csv") if p.is_file()]
     if not parts:
-        raise FileNotFoundError(f"{logs}: no metrics.csv; the run logged nothing")
+        raise MissingInput(f"{logs}: no metrics.csv; the run logged nothing")
     metrics = pd.concat(parts, ignore_index=True)
     present = [c for c in columns if c in metrics.columns]
     curve = metrics[[x, *present]].dropna(subset=present, how="all")

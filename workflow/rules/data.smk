@@ -20,7 +20,7 @@ rule download:
 rule prepare:
     """Metadata JSON: official split, stable label ids, leakage-free pretraining set."""
     input:
-        code("prepare", "fma"),
+        code("prepare", "fma", "meta"),
         "data/raw",
     output:
         "data/meta/labels.json",

@@ -6,6 +6,7 @@ FINETUNE_INPUTS = [
         "store",
         "stats",
         "params",
+        "meta",
         "models/classifier",
         "models/encoder",
     ),

@@ -7,6 +7,7 @@ rule pretrain:
             "data",
             "store",
             "params",
+            "meta",
             "models/cola",
             "models/encoder",
         ),

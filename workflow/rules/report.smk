@@ -1,7 +1,7 @@
 rule report:
     """Results table with the published numbers beside ours, curves, confusion, provenance."""
     input:
-        code("report", "stats", "params"),
+        code("report", "stats", "params", "meta"),
         all_predictions(),
         "models/pretrain/curve.csv",
         "models/pretrain/summary.json",

@@ -9,6 +9,7 @@ from efficientnet_pytorch import EfficientNet
 from safetensors.torch import load_file, save_file
 
 from cola_audio import fsutil
+from cola_audio.errors import InputError, MissingInput
 
 EMBED_DIM = 1280
 
@@ -78,7 +79,7 @@ def standardize_crops(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-class StateDictMismatch(ValueError):
+class StateDictMismatch(InputError, ValueError):
     """A saved encoder does not fit this architecture; the message lists the keys."""
 
 
@@ -95,7 +96,7 @@ def load_encoder_weights(encoder: Encoder, path: str | Path) -> None:
     """Strict load: any missing or unexpected key is an error naming the keys."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no pretrained encoder; run `cola pretrain` or `dvc pull`")
+        raise MissingInput(f"{path}: no pretrained encoder; run `cola pretrain` or `dvc pull`")
     state = load_file(str(path))
     expected = encoder.state_dict()
     missing = sorted(set(expected) - set(state))
