@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cola_audio import training
+from cola_audio.errors import BadInput
 from cola_audio.models.classifier import GenreClassifier, clip_logits
 from cola_audio.models.cola import ColaModule, similarity_logits
 from cola_audio.models.encoder import (
@@ -106,6 +107,16 @@ def test_loading_a_seed_style_encoder_with_other_keys_fails(tmp_path):
     save_file(seed_like, str(tmp_path / "seed.safetensors"))
     with pytest.raises(StateDictMismatch, match="cnn1.weight"):
         load_encoder_weights(Encoder(), tmp_path / "seed.safetensors")
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.5], ids=["empty", "truncated"])
+def test_a_damaged_encoder_file_is_named_with_the_fix(tmp_path, keep):
+    path = tmp_path / "encoder.safetensors"
+    save_encoder(Encoder(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(BadInput, match=rf"{path}: not a readable safetensors file.*dvc pull"):
+        load_encoder_weights(Encoder(), path)
 
 
 class _Exploit:

@@ -111,3 +111,14 @@ def test_cli_gives_bad_input_one_line_but_a_bug_its_traceback(tmp_path: Path, ca
     monkeypatch.setattr(finetune, "run", bug)
     with pytest.raises(ValueError, match="a bug deep inside"):
         cli.main(argv)
+
+
+def test_data_root_is_no_longer_a_knob(tmp_path: Path):
+    """data.root was accepted and then ignored (every rule writes data/raw); it is refused now,
+    naming the keys that exist."""
+    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    p["data"]["root"] = "elsewhere/raw"
+    with pytest.raises(
+        params.ParamsError, match=r"'root' was unexpected.*known keys: finetune_subset"
+    ):
+        params.validate(p)

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import torch
 from efficientnet_pytorch import EfficientNet
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cola_audio import fsutil
-from cola_audio.errors import InputError, MissingInput
+from cola_audio.errors import BadInput, InputError, MissingInput
 
 EMBED_DIM = 1280
 
@@ -97,7 +98,13 @@ def load_encoder_weights(encoder: Encoder, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise MissingInput(f"{path}: no pretrained encoder; run `cola pretrain` or `dvc pull`")
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except SafetensorError as exc:
+        raise BadInput(
+            f"{path}: not a readable safetensors file ({exc}); it is truncated or damaged. "
+            "Rerun `cola pretrain` or `dvc pull` to restore it"
+        ) from exc
     expected = encoder.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
