@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -167,6 +168,23 @@ def test_an_interrupted_finetune_resumes_where_it_stopped(tiny_data, tmp_path):
     metrics = _finetune(tiny_data, tmp_path, "scratch-finetune", callbacks=[first], max_epochs=2)
     assert first.first == 4 and metrics["steps"] > 4
     assert (tmp_path / "scratch-finetune" / "seed-0" / "metrics.json").is_file()
+
+
+def test_a_copied_checkout_resumes_with_its_own_checkpoints(tiny_data, tmp_path):
+    """Lightning saves the best checkpoint's absolute path in last.ckpt; a copied checkout (the
+    original deleted) once resumed from, then crashed on, the other checkout's path."""
+    first_checkout, copy = tmp_path / "a", tmp_path / "b"
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        _finetune(
+            tiny_data, first_checkout, "scratch-finetune", callbacks=[_DieAt(4)], max_epochs=2
+        )
+    assert (first_checkout / "scratch-finetune" / "seed-0" / "checkpoints" / "best.ckpt").is_file()
+    shutil.copytree(first_checkout, copy)
+    shutil.rmtree(first_checkout)
+    resumed = _FirstStep()
+    metrics = _finetune(tiny_data, copy, "scratch-finetune", callbacks=[resumed], max_epochs=2)
+    assert resumed.first == 4 and metrics["steps"] > 4
+    assert not first_checkout.exists()  # nothing was written back to the original place
 
 
 @pytest.mark.parametrize(
