@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,41 @@ def tiny_params_dict() -> dict[str, Any]:
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     tiny = yaml.safe_load((REPO / "tests" / "config_tiny" / "overrides.yaml").read_text())
     return params.validate(merge(base, tiny))
+
+
+def sh(cmd: str, cwd: Path, check: bool = True, timeout: float | None = None):
+    """Run a shell command as a user would (one BLAS thread, a git identity); fail showing its
+    output's tail."""
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+    )
+    result = subprocess.run(
+        cmd, shell=True, cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"`{cmd}` failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+            f"{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def tiny_checkout(dest: Path) -> Path:
+    """A git checkout of this working tree (tracked and untracked files) at `dest`, with the tiny
+    params as its params.yaml: what a user has after `git clone` and an edit."""
+    files = sh("git ls-files -co --exclude-standard", REPO).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    (dest / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(), sort_keys=False))
+    sh("git init -q && git add -A && git commit -qm init", dest)
+    return dest
 
 
 def require(path: Path) -> Path:

@@ -6,36 +6,15 @@ Order matters: each test continues from the state the previous one left (a user'
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, tiny_params_dict
+from conftest import sh, tiny_checkout
 
 pytestmark = pytest.mark.slow
-
-
-def sh(cmd: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        GIT_AUTHOR_NAME="t",
-        GIT_AUTHOR_EMAIL="t@t",
-        GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@t",
-    )
-    result = subprocess.run(cmd, shell=True, cwd=cwd, capture_output=True, text=True, env=env)
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"`{cmd}` failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
-            f"{result.stderr[-4000:]}"
-        )
-    return result
 
 
 def stages_run(dvc_output: str) -> set[str]:
@@ -59,15 +38,7 @@ RUNS = ("scratch-finetune", "random-linear", "pretrained-finetune", "pretrained-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("e2e")
-    repo, remote = base / "repo", base / "remote"
-    files = sh("git ls-files -co --exclude-standard", REPO).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file():
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, repo / rel)
-    params = tiny_params_dict()
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh("git init -q && git add -A && git commit -qm init", repo)
+    repo, remote = tiny_checkout(base / "repo"), base / "remote"
     sh(f"dvc remote add -f -d local {remote}", repo)
     return {"base": base, "repo": repo, "remote": remote}
 

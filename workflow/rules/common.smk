@@ -1,4 +1,6 @@
 # What the rules share: the validated config, the stage source files, the shard and run lists.
+import functools
+import subprocess
 from pathlib import Path
 
 from snakemake.utils import validate
@@ -25,6 +27,40 @@ wildcard_constraints:
     shard=r"\d{3}",
     run=r"[a-z0-9]+(-[a-z0-9]+)*",
     seed=r"\d+",
+
+
+# What a multi-threaded job asks for: Snakemake caps it at --cores locally, node_threads() at the
+# smallest node on SLURM.
+JOB_THREADS = 8
+
+
+@functools.cache
+def slurm_node_size():
+    """(CPUs, MB) of the smallest node SLURM lists. A request above it is not refused: the job
+    sits PENDING (reason PartitionConfig) forever, so requests are capped to it instead.
+    """
+    out = subprocess.run(
+        ["sinfo", "-h", "-N", "-o", "%c %m"], capture_output=True, text=True, check=True
+    ).stdout
+    sizes = [
+        tuple(int(x) for x in line.split()) for line in out.splitlines() if line.strip()
+    ]
+    return min(c for c, _ in sizes), min(m for _, m in sizes)
+
+
+def on_slurm():
+    plugin = workflow.executor_plugin  # known when jobs are made, not while parsing
+    return plugin is not None and plugin.name == "slurm"
+
+
+def node_threads(wanted):
+    """`wanted` threads, or as many as a SLURM node has if that is fewer."""
+    return lambda wildcards: min(wanted, slurm_node_size()[0]) if on_slurm() else wanted
+
+
+def node_mem_mb(wanted):
+    """`wanted` MB of memory, or as much as a SLURM node has if that is less."""
+    return lambda wildcards: min(wanted, slurm_node_size()[1]) if on_slurm() else wanted
 
 
 def code(*modules):

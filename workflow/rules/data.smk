@@ -8,9 +8,9 @@ rule download:
         "logs/download.log",
     benchmark:
         "logs/benchmarks/download.tsv"
-    threads: 8  # Snakemake caps this at --cores
+    threads: node_threads(JOB_THREADS)
     resources:
-        mem_mb=2000,
+        mem_mb=node_mem_mb(2000),
     params:
         **data_params(config),  # only what changes the audio: never `download` (transport)
     shell:
@@ -32,7 +32,7 @@ rule prepare:
         "logs/benchmarks/prepare.tsv"
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=node_mem_mb(2000),
     params:
         **pick(config, "data.finetune_subset", "data.pretrain_subset"),
         prepare=config["prepare"],

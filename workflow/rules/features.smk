@@ -12,9 +12,9 @@ rule featurize_shard:
         "logs/featurize/{shard}.log",
     benchmark:
         "logs/benchmarks/featurize_{shard}.tsv"
-    threads: config["features"]["workers"] or 8  # 0 = all cores: one shard job at a time
+    threads: node_threads(config["features"]["workers"] or JOB_THREADS)  # 0: all it may have
     resources:
-        mem_mb=4000,
+        mem_mb=node_mem_mb(4000),
     params:
         **declared_params(config, "features"),
     shell:
@@ -37,7 +37,7 @@ rule featurize_gather:
         "logs/benchmarks/featurize_gather.tsv"
     threads: 1
     resources:
-        mem_mb=1000,
+        mem_mb=node_mem_mb(1000),
     params:
         **declared_params(config, "features"),
     shell:

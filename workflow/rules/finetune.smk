@@ -31,10 +31,10 @@ rule finetune_scratch:
         "logs/benchmarks/finetune_{run}_seed-{seed}.tsv"
     wildcard_constraints:
         run="|".join(SCRATCH_RUNS) or "no-run",
-    threads: 8  # Snakemake caps this at --cores
+    threads: node_threads(JOB_THREADS)
     resources:
-        gpu=1,
-        mem_mb=8000,
+        gpu=1,  # the plugin's form: sbatch --gpus=1; 0 on a site without GPUs
+        mem_mb=node_mem_mb(8000),
     params:
         **finetune_params(),
     shell:

@@ -28,10 +28,10 @@ rule pretrain:
         "logs/pretrain.log",
     benchmark:
         "logs/benchmarks/pretrain.tsv"
-    threads: 8  # Snakemake caps this at --cores
+    threads: node_threads(JOB_THREADS)
     resources:
-        gpu=1,
-        mem_mb=16000,
+        gpu=1,  # the plugin's form: sbatch --gpus=1; 0 on a site without GPUs
+        mem_mb=node_mem_mb(16000),
         runtime=720,
     params:
         **declared_params(config, "pretrain"),

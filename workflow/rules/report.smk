@@ -27,7 +27,7 @@ rule report:
         "logs/benchmarks/report.tsv"
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=node_mem_mb(2000),
     params:
         **report_params(config),
     shell:
