@@ -30,6 +30,15 @@ def test_mel_triangles_are_linear_in_mel_not_hz():
         sr=16000, n_fft=1024, n_mels=64, fmin=60, fmax=7800, htk=True, norm=None
     ).T
     assert not np.allclose(m, hz_linear, atol=1e-3)
+    # Each triangle peaks at the FFT bin nearest its centre, and the centres are equally spaced in
+    # mel (TF's 1127·ln(1 + f/700)) from fmin to fmax: within one bin, converted to mel.
+    bin_hz = 16000 / 1024
+    peaks = np.arange(513)[m.argmax(axis=0)] * bin_hz
+    mel = lambda hz: 1127.0 * np.log1p(hz / 700.0)  # noqa: E731
+    centres = np.linspace(mel(60.0), mel(7800.0), 64 + 2)[1:-1]
+    assert np.all(np.abs(mel(peaks) - centres) <= 1127.0 / (700.0 + peaks) * bin_hz)
+    spacing = np.diff(peaks)
+    assert spacing[-1] > 5 * spacing[0]  # in Hz the triangles widen with frequency
 
 
 @pytest.mark.parametrize(

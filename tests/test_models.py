@@ -1,7 +1,5 @@
 """Encoder, COLA head and loss, classifier: shapes, hand computations, strict and safe loading."""
 
-import pickle
-
 import pytest
 import torch
 
@@ -131,7 +129,7 @@ def test_a_checkpoint_holding_a_malicious_pickle_is_refused(tmp_path, capsys):
         training.safe_load(path)
     assert "pwned" not in capsys.readouterr().out
     with open(path, "rb") as fh:  # the file really does carry a callable
-        assert b"print" in fh.read() or pickle.HIGHEST_PROTOCOL
+        assert b"print" in fh.read()
 
 
 def test_hyperparameters_are_plain_values():

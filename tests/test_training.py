@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -117,6 +118,51 @@ def test_same_seed_gives_the_same_metrics_and_another_seed_other_training(tiny_d
     assert (tmp_path / "a" / curve.format(0)).read_text() != (
         tmp_path / "c" / curve.format(seeds[1])
     ).read_text()  # other crops and initial weights: another training trajectory
+
+
+def _weights(module: pl.LightningModule) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class _SecondValidationIsWorse(pl.Callback):
+    """Scores epoch 1's validation below epoch 0's, so the best checkpoint is not the last, and
+    records the weights after each validation, at the end of training and when testing starts."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, dict[str, torch.Tensor]] = {}
+
+    def on_validation_epoch_end(self, trainer, module):
+        if trainer.current_epoch == 1:
+            trainer.callback_metrics["val_acc"] = torch.tensor(-1.0)
+
+    def on_validation_end(self, trainer, module):
+        self.states[f"validated-{trainer.current_epoch}"] = _weights(module)
+
+    def on_train_end(self, trainer, module):
+        self.states["last"] = _weights(module)
+
+    def on_test_start(self, trainer, module):
+        self.states["tested"] = _weights(module)
+
+
+def test_test_metrics_come_from_the_best_validation_checkpoint_not_the_last(tiny_data, tmp_path):
+    spy = _SecondValidationIsWorse()
+    metrics = _finetune(tiny_data, tmp_path, "scratch-finetune", callbacks=[spy], max_epochs=2)
+    assert metrics["selected_epoch"] == 0
+    tested, best, last = spy.states["tested"], spy.states["validated-0"], spy.states["last"]
+    assert all(torch.equal(tested[k], best[k]) for k in best)
+    assert not all(torch.equal(tested[k], last[k]) for k in last)
+
+
+def test_precise_batchnorm_changes_what_evaluation_sees(tiny_data, tmp_path):
+    """Recomputed BatchNorm statistics change eval-mode outputs (the validation curve); with the
+    recomputation off, or doing nothing, the two runs would be identical."""
+    on = _finetune(tiny_data, tmp_path / "on", "scratch-finetune", precise_bn_batches=2)
+    off = _finetune(tiny_data, tmp_path / "off", "scratch-finetune", precise_bn_batches=0)
+    assert on["steps"] == off["steps"]
+    curve = Path("scratch-finetune") / "seed-0" / "curve.csv"
+    val_loss = [pd.read_csv(tmp_path / run / curve)["val_loss"].dropna() for run in ("on", "off")]
+    assert not val_loss[0].equals(val_loss[1])
 
 
 class _DieAt(pl.Callback):
