@@ -70,7 +70,11 @@ def test_snakemake_builds_the_report_with_every_row(work):
 def test_dvc_status_is_clean_after_snakemake(work):
     repo = work["repo"]
     assert json.loads(sh("dvc status --json", repo).stdout or "{}") == {}
-    assert (repo / "dvc.lock").is_file()
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    # The report's artifact table says "md5 (as in dvc.lock)": it must be.
+    locked = {o["path"]: o["md5"] for s in lock["stages"].values() for o in s.get("outs", [])}
+    reported = json.loads((repo / "reports" / "results.json").read_text())["provenance"]["hashes"]
+    assert reported and all(locked[path] == md5 for path, md5 in reported.items())
 
 
 def test_second_snakemake_run_has_nothing_to_do(work):

@@ -1,5 +1,8 @@
 """Pure pieces of the report and of `cola adopt-dvc`."""
 
+import base64
+from html.parser import HTMLParser
+
 import numpy as np
 import pytest
 
@@ -25,6 +28,98 @@ def test_results_table_has_the_baseline_and_published_numbers():
     assert table.loc[0, "accuracy_mean"] == 0.125
     assert list(table["published_accuracy"]) == [12.5, 51.1]
     assert table.loc[1, "model"] == "scratch encoder, finetune"
+
+
+VOID = ("img", "meta", "br", "hr", "link")  # elements that never hold others
+
+
+class _Tree(HTMLParser):
+    """Each element's tag with its parent's tag, and every img src: enough to check structure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.pairs: list[tuple[str, str]] = []
+        self.images: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.pairs.append((self.stack[-1] if self.stack else "", tag))
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if tag in VOID:  # `<img ... />` reports an end tag too
+            return
+        assert self.stack and self.stack[-1] == tag, f"</{tag}> closes <{self.stack[-1:]}>"
+        self.stack.pop()
+
+
+def test_report_renders_to_markdown_and_a_self_contained_html_page(tmp_path):
+    summaries = {
+        "scratch-finetune": {
+            "accuracy_mean": 0.5,
+            "accuracy_std": 0.02,
+            "accuracy_ci_low": 0.4,
+            "accuracy_ci_high": 0.6,
+            "macro_f1_mean": 0.45,
+            "macro_f1_std": 0.03,
+            "macro_f1_ci_low": 0.35,
+            "macro_f1_ci_high": 0.55,
+            "n_test": 208,
+        }
+    }
+    specs = {"scratch-finetune": {"init": "scratch", "mode": "finetune"}}
+    table = report.results_table(summaries, specs, 8, {"random": 12.5})
+    skipped = [
+        {"audio": "data/raw/a.mp3", "reason": "empty file (0 bytes)"},
+        {"audio": "data/raw/b.mp3", "reason": "too short: 1.00 s < 2.0"},
+        {"audio": "data/raw/c.mp3", "reason": "too short: 1.50 s < 2.0"},
+    ]
+    context = {
+        "source": "synthetic",
+        "finetune_subset": "small",
+        "pretrain_subset": "large",
+        "runs": ["scratch-finetune"],
+        "seeds": [0, 1, 2],
+        "confidence": 0.95,
+        "n_resamples": 100,
+        "comparisons": [],
+        "pretrain_line": "84 steps.",
+        "provenance": {
+            "git": {"commit": "abc", "dirty": False},
+            "params_hash": "123",
+            "features": {
+                "featurized": 9,
+                "clips": 12,
+                "skipped": 3,
+                "skipped_by_reason": {"empty file (0 bytes)": 1, "too short": 2},
+            },
+            "skipped": skipped,
+            "hashes": {"data/features/index.csv": "d41d8cd9"},
+        },
+    }
+    markdown = report.render_markdown(table, context)
+    assert "| scratch encoder, finetune | scratch-finetune | 50.0 ± 2.0 % | [40.0, 60.0] |" in (
+        markdown
+    )
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    png = b"\x89PNG\r\n\x1a\n" + b"0" * 16
+    for name in ("results", "pretrain_curves", "confusion_scratch-finetune"):
+        (figures / f"{name}.png").write_bytes(png)
+    tree = _Tree()
+    tree.feed(report.render_html(markdown, figures))
+    assert not tree.stack  # every element closed
+    assert all(parent in ("ul", "ol") for parent, tag in tree.pairs if tag == "li")
+    nested = [1 for parent, tag in tree.pairs if parent == "li" and tag == "ul"]
+    assert len(nested) == 3  # reasons under "skipped", files under each reason
+    rows = [1 for parent, tag in tree.pairs if parent in ("tbody", "thead") and tag == "tr"]
+    assert len(rows) == (1 + 2) + (1 + 1)  # header, random, scratch-finetune; header, artifact
+    assert len(tree.images) == 3
+    assert all(base64.b64decode(src.split(",", 1)[1]) == png for src in tree.images)
+    assert all(src.startswith("data:image/png;base64,") for src in tree.images)
 
 
 def test_adoptable_takes_only_rules_whose_every_stage_is_up_to_date():

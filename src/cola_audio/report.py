@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import html
 import json
 import logging
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from markdown_it import MarkdownIt  # noqa: E402
 
 from cola_audio import fsutil, meta, stats  # noqa: E402
 from cola_audio.errors import BadInput  # noqa: E402
@@ -237,139 +238,65 @@ def comparison_sentence(d: dict[str, Any], confidence: float) -> str:
     return f"**{d['a']}** is {d['verdict']} than **{d['b']}** ({span})."
 
 
+TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("cola_audio", "templates"),
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    keep_trailing_newline=True,
+    autoescape=False,  # Markdown out; the HTML page escapes through markdown-it-py
+)
+
+
 def render_markdown(table: pd.DataFrame, context: dict[str, Any]) -> str:
-    lines = ["# cola-audio report", ""]
-    if context["source"] == "synthetic":
-        lines += [
-            "> **Data: the embedded synthetic dataset in FMA's layout, not the real FMA.** "
-            "Our numbers measure the pipeline on it; the published column is the seed "
-            "repository's result on real FMA-small and is shown for reference only.",
-            "",
-        ]
-    else:
-        lines += [
-            f"> Data: real FMA (`fma_{context['finetune_subset']}` for fine-tuning, "
-            f"`fma_{context['pretrain_subset']}` for pretraining).",
-            "",
-        ]
-    conf = context["confidence"]
-    lines += [
-        "## Results (test set, clip-level: logits averaged over 1 s windows)",
-        "",
-        f"Each run is repeated with seeds {context['seeds']}: mean ± standard deviation over "
-        f"seeds, and the {conf:.0%} bootstrap interval of the seed-mean over test clips "
-        f"({context['n_resamples']} resamples).",
-        "",
-        f"| model | run | accuracy | {conf:.0%} CI | macro-F1 | {conf:.0%} CI | n_test | "
-        "published (seed repo, real FMA) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in table.itertuples():
-        pub = (
-            "—"
-            if r.published_accuracy is None or pd.isna(r.published_accuracy)
-            else f"{r.published_accuracy:.1f} %"
-        )
-        n_test = "—" if pd.isna(r.n_test) else str(int(r.n_test))
-        lines.append(
-            f"| {r.model} | {r.run} | {_mean_std(r.accuracy_mean, r.accuracy_std)} | "
-            f"{_ci(r.accuracy_ci_low, r.accuracy_ci_high)} | "
-            f"{_mean_std(r.macro_f1_mean, r.macro_f1_std)} | "
-            f"{_ci(r.macro_f1_ci_low, r.macro_f1_ci_high)} | {n_test} | {pub} |"
-        )
-    lines += ["", "## What pretraining buys", ""]
-    lines += [f"- {comparison_sentence(d, conf)}" for d in context["comparisons"]]
-    lines += [
-        "",
-        "Paired bootstrap over test clips: both runs are scored on the same resampled clips, "
-        "pooled over seeds.",
-        "",
-        "![results](figures/results.png)",
-        "",
-        "## Pretraining",
-        "",
-        context["pretrain_line"],
-        "",
-        "![pretraining curves](figures/pretrain_curves.png)",
-        "",
-        "## Confusion matrices (summed over seeds)",
-        "",
-    ]
-    for name in context["runs"]:
-        lines += [f"### {name}", "", f"![confusion {name}](figures/confusion_{name}.png)", ""]
+    """report.md from templates/report.md.j2: the table's numbers formatted, the words of each
+    comparison following its interval, skipped files grouped under their reason."""
     prov = context["provenance"]
-    lines += [
-        "## Provenance",
-        "",
-        f"- git commit: `{prov['git']['commit']}`"
-        + (" (uncommitted changes)" if prov["git"]["dirty"] else ""),
-        f"- params hash (sha1 of the params the report reads): `{prov['params_hash']}`; every "
-        "training run's identity (its stage's params, input bytes and code) is in results.json",
-        f"- data source: `{context['source']}`",
-        f"- clips featurized: {prov['features']['featurized']} of "
-        f"{prov['features']['clips']}; skipped {prov['features']['skipped']}",
-    ]
-    for reason, count in prov["features"]["skipped_by_reason"].items():
-        lines.append(f"  - {count} × {reason}")
+    skipped: dict[str, list[dict[str, Any]]] = {
+        r: [] for r in prov["features"]["skipped_by_reason"]
+    }
     for row in prov["skipped"]:
-        lines.append(f"    - `{row['audio']}`: {row['reason']}")
-    lines += ["", "| artifact | md5 (as in dvc.lock) |", "|---|---|"]
-    for path, digest in prov["hashes"].items():
-        lines.append(f"| `{path}` | `{digest}` |")
-    return "\n".join(lines) + "\n"
+        skipped.setdefault(row["reason"].split(":")[0], []).append(row)
+    rows = [
+        {
+            "model": r.model,
+            "run": r.run,
+            "accuracy": _mean_std(r.accuracy_mean, r.accuracy_std),
+            "accuracy_ci": _ci(r.accuracy_ci_low, r.accuracy_ci_high),
+            "macro_f1": _mean_std(r.macro_f1_mean, r.macro_f1_std),
+            "macro_f1_ci": _ci(r.macro_f1_ci_low, r.macro_f1_ci_high),
+            "n_test": "—" if pd.isna(r.n_test) else str(int(r.n_test)),
+            "published": "—"
+            if r.published_accuracy is None or pd.isna(r.published_accuracy)
+            else f"{r.published_accuracy:.1f} %",
+        }
+        for r in table.itertuples()
+    ]
+    return TEMPLATES.get_template("report.md.j2").render(
+        **{k: context[k] for k in ("source", "finetune_subset", "pretrain_subset", "seeds")},
+        **{k: context[k] for k in ("n_resamples", "runs", "pretrain_line")},
+        conf=f"{context['confidence']:.0%}",
+        rows=rows,
+        comparisons=[comparison_sentence(d, context["confidence"]) for d in context["comparisons"]],
+        git=prov["git"],
+        params_hash=prov["params_hash"],
+        features=prov["features"],
+        skipped=skipped,
+        hashes=prov["hashes"],
+    )
 
 
 def render_html(markdown: str, figures: Path) -> str:
-    """A self-contained page: the Markdown's structure as HTML, figures inlined as base64."""
-    body: list[str] = []
-    in_table = False
-    for line in markdown.splitlines():
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if set("".join(cells)) <= set("-"):
-                continue
-            tag = "th" if not in_table else "td"
-            if not in_table:
-                body.append("<table>")
-                in_table = True
-            body.append("<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            body.append("</table>")
-            in_table = False
-        if line.startswith("!["):
-            alt, src = line[2:].split("](")
-            data = base64.b64encode((figures.parent / src.rstrip(")")).read_bytes()).decode()
-            body.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">')
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
-        elif line.startswith("> "):
-            body.append(f"<blockquote>{_inline(line[2:])}</blockquote>")
-        elif line.strip().startswith("- "):
-            body.append(f"<li>{_inline(line.strip()[2:])}</li>")
-        elif line.strip():
-            body.append(f"<p>{_inline(line)}</p>")
-    if in_table:
-        body.append("</table>")
-    style = (
-        "body{font-family:sans-serif;max-width:960px;margin:2em auto;}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
-        "blockquote{background:#fff4d6;padding:8px;border-left:4px solid #e0a800}"
-        "img{max-width:100%}"
-    )
-    return (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>cola-audio report</title>"
-        f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>\n"
-    )
-
-
-def _inline(text: str) -> str:
-    out = html.escape(text)
-    parts = out.split("`")
-    out = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-    parts = out.split("**")
-    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+    """A self-contained page: the Markdown rendered by markdown-it-py (CommonMark and tables),
+    each figure inlined as base64 so the file can be mailed or archived alone."""
+    md = MarkdownIt("commonmark").enable("table")
+    tokens = md.parse(markdown)
+    for token in tokens:
+        for child in token.children or []:
+            if child.type == "image":
+                png = (Path(figures).parent / str(child.attrGet("src"))).read_bytes()
+                child.attrSet("src", "data:image/png;base64," + base64.b64encode(png).decode())
+    body = md.renderer.render(tokens, md.options, {})
+    return TEMPLATES.get_template("report.html.j2").render(body=body)
 
 
 def run(

@@ -2,6 +2,8 @@ rule report:
     """Results table with the published numbers beside ours, curves, confusion, provenance."""
     input:
         code("report", "stats", "params", "meta"),
+        "src/cola_audio/templates/report.md.j2",
+        "src/cola_audio/templates/report.html.j2",
         all_predictions(),
         "models/pretrain/curve.csv",
         "models/pretrain/summary.json",
