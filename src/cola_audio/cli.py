@@ -66,6 +66,12 @@ def _report(args: argparse.Namespace, params: dict) -> None:
     report.run(params, params_path=args.params, out_dir=args.out)
 
 
+def _embed(args: argparse.Namespace, params: dict) -> None:
+    from cola_audio import embed
+
+    embed.run(args.paths, args.out, args.encoder, args.windows, args.batch_size, args.device)
+
+
 def _adopt(args: argparse.Namespace, params: dict) -> None:
     from cola_audio import adopt
 
@@ -124,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("reports"))
     p.set_defaults(func=_report)
 
+    p = sub.add_parser("embed", help="embeddings of any audio files or folders (Parquet)")
+    p.add_argument("paths", nargs="+", type=Path, help="audio files and folders (searched deeply)")
+    p.add_argument("--out", type=Path, default=Path("embeddings.parquet"))
+    p.add_argument("--encoder", type=Path, default=Path("models/pretrain/encoder.safetensors"))
+    p.add_argument("--windows", action="store_true", help="one row per 1 s window, not per clip")
+    p.add_argument("--batch-size", type=int, default=64, help="windows per forward pass")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: a GPU when present)")
+    p.set_defaults(func=_embed, needs_params=False)
+
     p = sub.add_parser(
         "adopt-dvc",
         help="after `dvc pull`: mark DVC-verified outputs up to date "
@@ -148,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        params = params_mod.load(args.params)
+        needs_params = getattr(args, "needs_params", True)
+        params = params_mod.load(args.params) if needs_params else {}
         args.func(args, params)
     except InputError as exc:  # bad input a user can fix: one line naming it and the fix
         print(f"cola {args.stage}: error: {exc}", file=sys.stderr)

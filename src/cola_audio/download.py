@@ -12,7 +12,6 @@ the folder appears under its final name.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import os
@@ -42,11 +41,6 @@ class ChecksumError(DownloadError):
 
 class UnsafeArchiveError(DownloadError):
     """A zip member would land outside the extraction folder (zip-slip)."""
-
-
-def sha1_file(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha1").hexdigest()
 
 
 def _move_aside(path: Path, why: str) -> Path:
@@ -91,7 +85,7 @@ def fetch(
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
-        if sha1_file(dest) == sha1:
+        if fsutil.file_digest(dest, "sha1") == sha1:
             log.info("%s: already present and verified", dest)
             return dest
         aside = _move_aside(dest, "sha1-mismatch")
@@ -120,7 +114,7 @@ def fetch(
             "%s: %s; retrying in %.1f s (attempt %d/%d)", url, error, wait, attempt + 1, retries
         )
         time.sleep(wait)
-    got = sha1_file(part)
+    got = fsutil.file_digest(part, "sha1")
     if got != sha1:
         aside = _move_aside(part, "sha1-mismatch")
         raise ChecksumError(
@@ -200,7 +194,7 @@ def verify_folder(folder: Path, label: str | None = None) -> int:
         path = folder / rel
         if not path.is_file():
             bad.append(f"{rel} (missing)")
-        elif sha1_file(path) != digest:
+        elif fsutil.file_digest(path, "sha1") != digest:
             bad.append(f"{rel} (SHA1 mismatch)")
     if bad:
         shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")

@@ -87,7 +87,12 @@ def _run(
         "resumed_from": str(resume) if resume else None,
     }
     if trainer.is_global_zero:
-        save_encoder(model.encoder, out_dir / "encoder.safetensors")
+        save_encoder(
+            model.encoder,
+            out_dir / "encoder.safetensors",
+            frontend=fsutil.read_json(Path(features) / "summary.json")["frontend"],
+            crop_frames=cfg["crop_frames"],
+        )
         training.export_curve(
             out_dir, ["train_loss_step", "train_acc_step", "global_batch"], out_dir / "curve.csv"
         )

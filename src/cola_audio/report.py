@@ -31,12 +31,6 @@ from cola_audio.params import finetune_runs, report_params  # noqa: E402
 log = logging.getLogger(__name__)
 
 
-def md5_file(path: Path) -> str:
-    """The hash DVC records for a file output."""
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "md5").hexdigest()
-
-
 def params_hash(params: dict[str, Any]) -> str:
     canonical = json.dumps(params, sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(canonical.encode()).hexdigest()[:12]
@@ -395,5 +389,5 @@ def provenance(params: dict[str, Any], features: Path, models: Path) -> dict[str
         "run_identities": identities,
         "features": fsutil.read_json(features / "summary.json"),
         "skipped": pd.read_csv(features / "skipped.csv").to_dict("records"),
-        "hashes": {p.as_posix(): md5_file(p) for p in tracked if p.is_file()},
+        "hashes": {p.as_posix(): fsutil.file_digest(p, "md5") for p in tracked if p.is_file()},
     }

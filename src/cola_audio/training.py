@@ -86,8 +86,7 @@ def run_identity(
     )
     package = sorted(Path(__file__).resolve().parent.rglob("*.py"))
     for path in [*sorted(Path(p) for p in inputs), *package]:
-        with open(path, "rb") as fh:
-            digest.update(hashlib.file_digest(fh, "sha1").digest())
+        digest.update(bytes.fromhex(fsutil.file_digest(path, "sha1")))
     return digest.hexdigest()[:16]
 
 

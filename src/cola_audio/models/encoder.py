@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from efficientnet_pytorch import EfficientNet
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from cola_audio import fsutil
@@ -84,13 +86,42 @@ class StateDictMismatch(InputError, ValueError):
     """A saved encoder does not fit this architecture; the message lists the keys."""
 
 
-def save_encoder(encoder: Encoder, path: str | Path) -> None:
-    """Plain tensors in safetensors: loadable anywhere without unpickling."""
+def save_encoder(
+    encoder: Encoder,
+    path: str | Path,
+    frontend: dict[str, Any] | None = None,
+    crop_frames: int | None = None,
+) -> None:
+    """Plain tensors in safetensors: loadable anywhere without unpickling. The metadata says how
+    to feed it (front-end settings, input normalisation, window length), so `cola embed` and the
+    HEAR API need nothing but the file."""
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    metadata = {
+        "format": "cola-audio encoder",
+        "pooling": encoder.pooling,
+        "input_norm": encoder.input_norm,
+    }
+    if frontend is not None:
+        metadata["frontend"] = json.dumps(frontend, sort_keys=True)
+    if crop_frames is not None:
+        metadata["crop_frames"] = str(crop_frames)
     with fsutil.atomic_path(path, suffix=".safetensors") as tmp:
-        save_file(
-            state, str(tmp), metadata={"format": "cola-audio encoder", "pooling": encoder.pooling}
-        )
+        save_file(state, str(tmp), metadata=metadata)
+
+
+def encoder_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata save_encoder wrote (empty for a file without any)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInput(f"{path}: no encoder here; run `cola pretrain` or `dvc pull`")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except SafetensorError as exc:
+        raise BadInput(
+            f"{path}: not a readable safetensors file ({exc}); it is truncated or damaged. "
+            "Rerun `cola pretrain` or `dvc pull` to restore it"
+        ) from exc
 
 
 def load_encoder_weights(encoder: Encoder, path: str | Path) -> None:

@@ -1,0 +1,171 @@
+"""`cola embed`: embeddings of any audio files with a trained encoder, written as Parquet.
+
+The encoder file carries the front-end settings it was trained on (`save_encoder`), so audio
+libsndfile reads, at any rate and of any length, goes through that same log-mel front-end and is
+cut into 1 s windows as in evaluation; a clip shorter than one window is padded with the log
+floor (silence) and says so in its row. A file that cannot be decoded is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from cola_audio import fsutil
+from cola_audio.data import window_starts
+from cola_audio.errors import BadInput, MissingInput
+from cola_audio.featurize import check_audio
+from cola_audio.frontend import FrontEnd
+from cola_audio.models.encoder import Encoder, encoder_metadata, load_encoder_weights
+
+log = logging.getLogger(__name__)
+DEFAULT_ENCODER = Path("models/pretrain/encoder.safetensors")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au")
+# Decoding checks of featurization, without its minimum length: short clips are padded here.
+DECODE_CHECKS = {"min_decoded_fraction": 0.9, "min_seconds": 0.0}
+
+
+@dataclass
+class Embedder:
+    """A trained encoder with the front-end and window length it expects."""
+
+    encoder: Encoder
+    frontend: FrontEnd
+    crop_frames: int
+    encoder_md5: str
+
+    @classmethod
+    def load(cls, path: str | Path = DEFAULT_ENCODER, device: str | None = None) -> Embedder:
+        """The encoder at `path`, in eval mode, on `device` (a GPU when present by default)."""
+        meta = encoder_metadata(path)
+        frontend = FrontEnd(**json.loads(meta["frontend"])) if "frontend" in meta else FrontEnd()
+        encoder = Encoder(
+            pooling=meta.get("pooling", "max"), input_norm=meta.get("input_norm", "crop")
+        )
+        load_encoder_weights(encoder, path)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        encoder.eval().to(device)
+        crop = int(meta.get("crop_frames", 98))
+        return cls(encoder, frontend, crop, fsutil.file_digest(path, "md5"))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoder.parameters()).device
+
+    def windows(self, features: np.ndarray, hop_frames: int | None = None) -> np.ndarray:
+        """(n, crop_frames, n_mels) windows every `hop_frames` (default: non-overlapping, as in
+        evaluation); a clip shorter than one window gives one window padded with silence."""
+        crop = self.crop_frames
+        if len(features) < crop:
+            pad = np.full((crop - len(features), features.shape[1]), self.pad_value, np.float32)
+            return np.concatenate([features, pad])[None]
+        starts = self.starts(len(features), hop_frames)
+        return np.stack([features[s : s + crop] for s in starts]).astype(np.float32)
+
+    def starts(self, frames: int, hop_frames: int | None = None) -> list[int]:
+        """First frame of each window of a clip with `frames` frames."""
+        if hop_frames is None:
+            return window_starts(frames, self.crop_frames)
+        return list(range(0, max(frames - self.crop_frames, 0) + 1, hop_frames))
+
+    def centres_ms(self, starts: Iterable[int]) -> np.ndarray:
+        """Each window's centre in milliseconds: midway between its first frame's first sample
+        and its last frame's last sample."""
+        fe, crop = self.frontend, self.crop_frames
+        first = np.asarray(list(starts), dtype=np.float64) * fe.frame_step
+        last = first + (crop - 1) * fe.frame_step + fe.frame_length
+        return (first + last) / 2 / fe.sample_rate * 1000.0
+
+    @property
+    def pad_value(self) -> float:
+        return float(np.log(self.frontend.log_floor))
+
+    @torch.no_grad()
+    def embed(self, windows: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """(n, 1280) float32 embeddings of (n, crop_frames, n_mels) windows."""
+        out = [
+            self.encoder(torch.from_numpy(windows[i : i + batch_size]).to(self.device))
+            for i in range(0, len(windows), batch_size)
+        ]
+        return torch.cat(out).float().cpu().numpy()
+
+
+def audio_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Named files as given, folders searched recursively for audio suffixes; sorted, unique."""
+    found: set[Path] = set()
+    for path in map(Path, paths):
+        if path.is_dir():
+            found.update(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+        elif path.exists():
+            found.add(path)
+        else:
+            raise MissingInput(f"{path}: no such file or folder")
+    return sorted(found)
+
+
+def embed_file(embedder: Embedder, path: Path, windows: bool, batch_size: int) -> list[dict]:
+    """Rows for one decodable file: one per clip (mean and max over its windows) or per window."""
+    checked = check_audio(path, DECODE_CHECKS)
+    if isinstance(checked, str):
+        raise BadInput(checked)
+    wave, sample_rate = checked
+    features = embedder.frontend.features(wave, sample_rate)
+    starts = embedder.starts(len(features))
+    vectors = embedder.embed(embedder.windows(features), batch_size)
+    common = {
+        "path": path.as_posix(),
+        "sha1": fsutil.file_digest(path, "sha1"),
+        "encoder_md5": embedder.encoder_md5,
+        "duration_s": round(len(wave) / sample_rate, 4),
+        "padded": len(features) < embedder.crop_frames,
+    }
+    if windows:
+        seconds = embedder.frontend.frame_step / embedder.frontend.sample_rate
+        return [
+            {**common, "window": k, "start_s": round(s * seconds, 4), "embedding": v}
+            for k, (s, v) in enumerate(zip(starts, vectors, strict=True))
+        ]
+    return [{**common, "n_windows": len(vectors), "mean": vectors.mean(0), "max": vectors.max(0)}]
+
+
+def run(
+    paths: list[str | Path],
+    out: Path,
+    encoder: Path = DEFAULT_ENCODER,
+    windows: bool = False,
+    batch_size: int = 64,
+    device: str | None = None,
+) -> pd.DataFrame:
+    """Embed every audio file under `paths` into `out` (Parquet); unreadable files are listed,
+    with their reason, in `<out>.skipped.csv` and the log, never fatal."""
+    embedder = Embedder.load(encoder, device)
+    rows, skipped = [], []
+    for path in tqdm(audio_files(paths), desc="embed", unit="file"):
+        try:
+            rows += embed_file(embedder, path, windows, batch_size)
+        except BadInput as exc:
+            log.warning("%s: skipped: %s", path, exc)
+            skipped.append({"path": path.as_posix(), "reason": str(exc)})
+    table = pd.DataFrame(rows)
+    with fsutil.atomic_path(out, suffix=".parquet") as tmp:
+        table.to_parquet(tmp, index=False)
+    skipped_csv = out.with_name(out.name + ".skipped.csv")
+    with fsutil.atomic_path(skipped_csv) as tmp:
+        pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(tmp, index=False)
+    log.info(
+        "%d rows from %d files in %s; %d skipped (%s)",
+        len(table),
+        table["path"].nunique() if len(table) else 0,
+        out,
+        len(skipped),
+        skipped_csv,
+    )
+    return table
