@@ -1,9 +1,10 @@
 """Past one machine, for real: the SLURM profile on a one-node SLURM cluster, and an ssh:// DVC
 remote on a loopback sshd (marker `cluster`).
 
-Both need root and Debian's packages (tests/cluster/*-up.sh install and start them, *-down.sh stop
-them); where either is missing the tests skip, saying why. Order matters: the pipeline SLURM
-built is then pushed over SSH, then broken on purpose.
+Both need root, Debian's packages (tests/cluster/*-up.sh install and start them, *-down.sh stop
+them) and COLA_CLUSTER_TESTS=1, since they start system daemons; without any of these they skip,
+saying why. The scripts refuse to touch a SLURM or MariaDB they did not set up. Order matters:
+the pipeline SLURM built is then pushed over SSH, then broken on purpose.
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ REMOTE_RULES = {
 
 
 def service(script: str, *args: str) -> str:
-    """Run an *-up.sh script; skip (saying why) where it cannot run here."""
+    """Run an *-up.sh script; skip (saying why) where it cannot or should not run here."""
+    if os.environ.get("COLA_CLUSTER_TESTS") != "1":
+        pytest.skip(
+            "starts SLURM and sshd daemons as root: set COLA_CLUSTER_TESTS=1 (.ci/run does)"
+        )
     if os.geteuid() != 0:
         pytest.skip("needs root to run SLURM and sshd daemons (CI runs as root)")
     done = subprocess.run(

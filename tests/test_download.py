@@ -140,7 +140,7 @@ def test_wrong_checksum_is_an_error_and_the_file_is_moved_aside(server, tmp_path
 
 
 def test_missing_url_is_a_clear_error_without_retries(server, tmp_path):
-    with pytest.raises(download.DownloadError, match=r"nope.zip: HTTP 404.*data.fma.base_url"):
+    with pytest.raises(download.DownloadError, match=r"nope.zip: HTTP 404.*download.base_url"):
         download.fetch(server.url + "nope.zip", tmp_path / "nope.zip", "0" * 40, **fast())
     assert len(server.requests) == 1
 

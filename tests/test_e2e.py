@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -82,15 +83,24 @@ def test_second_snakemake_run_has_nothing_to_do(work):
     assert "Nothing to be done" in out.stdout + out.stderr
 
 
+def test_snakemake_report_bundles_the_results(work):
+    """`snakemake --report`: the captions in workflow/report/ and the outputs marked report()."""
+    repo = work["repo"]
+    sh("snakemake --report workflow-report.zip", repo)
+    with zipfile.ZipFile(repo / "workflow-report.zip") as bundle:
+        names = bundle.namelist()
+    assert any(n.endswith("report.html") for n in names), names
+    assert any(n.endswith("curve.csv") for n in names), names
+    (repo / "workflow-report.zip").unlink()
+
+
 def test_speed_and_transport_knobs_rerun_nothing_in_either_tool(work):
-    """Workers, retries, timeouts, the mirror and (in synthetic mode) the real archives' SHA1s
-    change how fast or from where, never what is computed: nothing may rerun."""
+    """Featurization workers, retries, timeouts, the mirror and (in synthetic mode) the real
+    archives' SHA1s change how fast or from where, never what is computed: nothing may rerun."""
     repo = work["repo"]
     original = (repo / "params.yaml").read_text()
     params = yaml.safe_load(original)
     params["features"]["workers"] = 2
-    params["pretrain"]["num_workers"] = 1
-    params["finetune"]["num_workers"] = 1
     params["download"].update(retries=1, timeout_s=5, backoff_s=0.5, base_url="http://mirror/")
     params["data"]["fma"]["sha1"]["fma_large.zip"] = "0" * 40
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -11,6 +11,7 @@ import pytest
 import soundfile as sf
 
 from cola_audio import featurize, synthetic
+from cola_audio.data import ClipWindows, window_starts
 from cola_audio.store import FeatureStore
 
 
@@ -65,7 +66,7 @@ def test_rerun_is_byte_identical(tiny_data, tmp_path):
         featurize.run(
             p, shard=shard, meta_dir=tiny_data["meta"], out_dir=tmp_path, workers=1 + shard % 2
         )
-    featurize.run(p, do_gather=True, meta_dir=tiny_data["meta"], out_dir=tmp_path)
+    featurize.run(p, gather_only=True, meta_dir=tiny_data["meta"], out_dir=tmp_path)
     assert _digest(tmp_path) == _digest(tiny_data["features"])
 
 
@@ -185,15 +186,33 @@ def test_shard_out_of_range_is_refused(tiny_data):
         featurize.run(tiny_data["params"], shard=4)
 
 
-def test_batched_crops_equal_single_crops(tiny_data):
+def test_batched_crops_are_slices_of_each_clip_padded_with_silence(tiny_data):
     store = FeatureStore(tiny_data["features"])
     ids = store.track_ids[[0, 5, 9, 2, 5]]
     lengths = store.lengths[[0, 5, 9, 2, 5]]
     starts = np.array([0, 7, lengths[2] - 30, 3, lengths[4] - 1])
     batch = store.crops(ids, starts, 60)
     for row, (tid, start) in enumerate(zip(ids, starts, strict=True)):
-        assert np.array_equal(batch[row], store.crop(int(tid), int(start), 60))
+        clip = np.asarray(store.clip(int(tid)), dtype=np.float32)[start : start + 60]
+        expected = np.full((60, store.n_mels), store.pad_value, np.float32)
+        expected[: len(clip)] = clip
+        assert np.array_equal(batch[row], expected)
     assert np.all(batch[4, 1:] == store.pad_value)  # past the end: silence
+
+
+def test_evaluation_windows_cover_each_clip_without_overlap(tiny_data):
+    assert window_starts(300, 98) == [0, 98, 196]  # the last 8 frames make no full window
+    assert window_starts(98, 98) == [0] and window_starts(40, 98) == [0]
+    store = FeatureStore(tiny_data["features"])
+    long_id = int(store.track_ids[0])
+    windows, label, tid = ClipWindows(store, [{"track_id": long_id, "label": 3}], 98)[0]
+    clip = np.asarray(store.clip(long_id), dtype=np.float32)
+    n = len(clip) // 98
+    assert windows.shape == (n, 98, store.n_mels) and (label, tid) == (3, long_id)
+    assert np.array_equal(windows.numpy().reshape(-1, store.n_mels), clip[: n * 98])
+    short, _, _ = ClipWindows(store, [{"track_id": long_id, "label": 0}], len(clip) + 10)[0]
+    assert short.shape == (1, len(clip) + 10, store.n_mels)
+    assert np.all(short[0, len(clip) :].numpy() == store.pad_value)
 
 
 FEATURIZE_IN_SUBPROCESS = """

@@ -176,3 +176,16 @@ def test_a_damaged_metadata_file_is_named_where_it_is_read(tiny_data, tmp_path, 
     if name != "labels":
         with pytest.raises(BadInput, match=rf"{name}.json"):
             featurize.tracks_to_featurize(meta_dir)
+
+
+def test_a_label_id_that_disagrees_with_labels_json_is_named(tiny_data, tmp_path):
+    meta_dir = tmp_path / "meta"
+    shutil.copytree(tiny_data["meta"], meta_dir)
+    doc = json.loads((meta_dir / "finetune.json").read_text())
+    genres, _ = meta.read_labelled(meta_dir)
+    assert genres == json.loads((meta_dir / "labels.json").read_text())["genres"]
+    doc["tracks"][3]["label"] = (doc["tracks"][3]["label"] + 1) % len(genres)
+    (meta_dir / "finetune.json").write_text(json.dumps(doc))
+    tid = doc["tracks"][3]["track_id"]
+    with pytest.raises(BadInput, match=rf"finetune.json: label ids of track\(s\) {tid} disagree"):
+        meta.read_labelled(meta_dir)

@@ -87,6 +87,7 @@ def test_report_renders_to_markdown_and_a_self_contained_html_page(tmp_path):
         "n_resamples": 100,
         "comparisons": [],
         "pretrain_line": "84 steps.",
+        "padded": 2,
         "provenance": {
             "git": {"commit": "abc", "dirty": False},
             "params_hash": "123",

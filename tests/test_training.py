@@ -293,15 +293,15 @@ def test_bf16_pretraining_on_gpu(tiny_data, tmp_path):
     assert summary["precision"] == "bf16-mixed"
 
 
-def test_run_identity_covers_params_inputs_and_code_but_not_speed_knobs(tmp_path, monkeypatch):
+def test_run_identity_covers_params_inputs_and_code(tmp_path, monkeypatch):
     from cola_audio import training
 
     section = {"lr": 1e-3, "seed": 0, "num_workers": 0, "max_steps": -1}
     data = tmp_path / "shard.npy"
     data.write_bytes(b"a")
     base = training.run_identity(section, [data])
-    assert training.run_identity({**section, "num_workers": 4}, [data]) == base
-    for key, value in [("lr", 2e-3), ("seed", 1), ("max_steps", 5)]:
+    # num_workers included: loader workers draw the crops from their own seeded generators.
+    for key, value in [("lr", 2e-3), ("seed", 1), ("max_steps", 5), ("num_workers", 4)]:
         assert training.run_identity({**section, key: value}, [data]) != base, key
     assert training.run_identity(section, [data], seed=1) != base
     data.write_bytes(b"b")

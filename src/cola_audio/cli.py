@@ -33,7 +33,7 @@ def _featurize(args: argparse.Namespace, params: dict) -> None:
     featurize.run(
         params,
         shard=args.shard,
-        do_gather=args.gather,
+        gather_only=args.gather,
         workers=args.workers,
         meta_dir=args.meta,
         out_dir=args.out,

@@ -205,8 +205,7 @@ class GenreData(StoreData):
         if self.store is not None:
             return
         self.store = FeatureStore(self.features)
-        self.genres = meta.read(self.meta_dir, "labels")["genres"]
-        tracks = meta.read(self.meta_dir, "finetune")["tracks"]
+        self.genres, tracks = meta.read_labelled(self.meta_dir)
         for split in ("train", "val", "test"):
             listed = [t for t in tracks if t["split"] == split]
             self.splits[split] = [t for t in listed if t["track_id"] in self.store]

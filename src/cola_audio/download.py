@@ -23,7 +23,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from cola_audio import fma, fsutil, synthetic
+from cola_audio import fma, folder, fsutil, synthetic
 from cola_audio.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def fetch(
         except urllib.error.HTTPError as exc:
             if exc.code in (404, 410, 401, 403):
                 raise DownloadError(
-                    f"{url}: HTTP {exc.code} {exc.reason}. Check data.fma.base_url in params.yaml "
+                    f"{url}: HTTP {exc.code} {exc.reason}. Check download.base_url in params.yaml "
                     "and the archive name."
                 ) from exc
             error: Exception = exc
@@ -248,6 +248,14 @@ def run(
         workers = params["features"]["workers"]
         counts = synthetic.generate(data["synthetic"], raw_dir, subsets, workers)
         log.info("embedded dataset written to %s: %s", raw_dir, counts)
+    elif data["source"] == "folder":
+        table = folder.index(data["folder"], raw_dir)
+        log.info(
+            "indexed %d files (%s) into %s",
+            len(table),
+            ", ".join(f"{s} {n}" for s, n in table["split"].value_counts().sort_index().items()),
+            raw_dir / folder.INDEX,
+        )
     else:
         folders = download_fma(data, params["download"], raw_dir, archive_dir)
         log.info("FMA archives verified and extracted: %s", ", ".join(map(str, folders)))

@@ -23,12 +23,12 @@ from cola_audio import fsutil
 from cola_audio.data import window_starts
 from cola_audio.errors import BadInput, MissingInput
 from cola_audio.featurize import check_audio
+from cola_audio.folder import AUDIO_SUFFIXES
 from cola_audio.frontend import FrontEnd
 from cola_audio.models.encoder import Encoder, encoder_metadata, load_encoder_weights
 
 log = logging.getLogger(__name__)
 DEFAULT_ENCODER = Path("models/pretrain/encoder.safetensors")
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au")
 # Decoding checks of featurization, without its minimum length: short clips are padded here.
 DECODE_CHECKS = {"min_decoded_fraction": 0.9, "min_seconds": 0.0}
 

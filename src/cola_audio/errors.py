@@ -1,8 +1,8 @@
 """The project's own error types: bad input that a user can fix.
 
-`cola <stage>` prints such an error as one line (the message names the file or param and the fix)
-and exits 1. Every other exception is a bug, or an environment failure worth reading in full,
-and keeps its traceback.
+`cola <stage>` prints such an error without a traceback (the message names the file or param and
+the fix) and exits 1, or 2 for invalid params. Every other exception is a bug, or an environment
+failure worth reading in full, and keeps its traceback.
 """
 
 from __future__ import annotations

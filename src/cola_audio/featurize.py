@@ -106,8 +106,13 @@ def check_audio(path: Path, features: dict[str, Any]) -> tuple[np.ndarray, int] 
     return wave, sr
 
 
-def featurize_file(track_id: int, path: str, features: dict[str, Any]) -> Decoded:
-    """Decode and featurize one clip, turning every failure into a recorded reason."""
+def featurize_file(
+    track_id: int, path: str, features: dict[str, Any], sha1: str | None = None
+) -> Decoded:
+    """Decode and featurize one clip, turning every failure into a recorded reason. `sha1`: what
+    the file hashed to when `cola download` indexed it (audio outside data/raw can change)."""
+    if sha1 and Path(path).is_file() and fsutil.file_digest(path, "sha1") != sha1:
+        return Decoded(track_id, None, "changed since `cola download` indexed it; rerun download")
     checked = check_audio(Path(path), features)
     if isinstance(checked, str):
         return Decoded(track_id, None, checked)
@@ -118,7 +123,7 @@ def featurize_file(track_id: int, path: str, features: dict[str, Any]) -> Decode
     return Decoded(track_id, feats.astype(DTYPE))
 
 
-def _featurize_star(args: tuple[int, str, dict[str, Any]]) -> Decoded:
+def _featurize_star(args: tuple[int, str, dict[str, Any], str | None]) -> Decoded:
     return featurize_file(*args)
 
 
@@ -130,6 +135,12 @@ def tracks_to_featurize(meta_dir: Path) -> dict[int, str]:
     for track in pretrain + finetune:  # later wins: fine-tuning paths override
         paths[int(track["track_id"])] = track["audio"]
     return dict(sorted(paths.items()))
+
+
+def indexed_sha1s(meta_dir: Path) -> dict[int, str]:
+    """Track id → SHA1 recorded at download, where the metadata has one (data.source: folder)."""
+    tracks = meta.read(meta_dir, "finetune")["tracks"] + meta.read(meta_dir, "pretrain")["tracks"]
+    return {int(t["track_id"]): t["sha1"] for t in tracks if "sha1" in t}
 
 
 def shard_name(shard: int) -> str:
@@ -146,7 +157,12 @@ def _workers(requested: int) -> int:
 
 
 def featurize_shard(
-    tracks: dict[int, str], shard: int, features: dict[str, Any], out_dir: Path, workers: int = 0
+    tracks: dict[int, str],
+    shard: int,
+    features: dict[str, Any],
+    out_dir: Path,
+    workers: int = 0,
+    sha1s: dict[int, str] | None = None,
 ) -> dict[str, Any]:
     """Write one shard (.npy of frames, then its .json index); return the index document."""
     n_shards = features["n_shards"]
@@ -158,7 +174,7 @@ def featurize_shard(
     skipped: list[dict[str, Any]] = []
     offset = 0
     n_workers = _workers(workers)
-    jobs = [(tid, path, features) for tid, path in mine]
+    jobs = [(tid, path, features, (sha1s or {}).get(tid)) for tid, path in mine]
     # One BLAS thread everywhere (here and in pool workers): a multi-threaded matrix product sums
     # in another order, and the shard's bytes would depend on the worker count.
     with tempfile.TemporaryFile(dir=npy_path.parent, prefix=".raw-") as raw, threadpool_limits(1):
@@ -278,7 +294,7 @@ def gather(features: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 def run(
     params: dict[str, Any],
     shard: int | None = None,
-    do_gather: bool = False,
+    gather_only: bool = False,
     workers: int | None = None,
     meta_dir: Path = Path("data/meta"),
     out_dir: Path = Path("data/features"),
@@ -291,11 +307,11 @@ def run(
             f"--shard {shard} is out of range: features.n_shards = "
             f"{features['n_shards']} allows 0..{features['n_shards'] - 1}"
         )
-    shards = [shard] if shard is not None else ([] if do_gather else range(features["n_shards"]))
+    shards = [shard] if shard is not None else ([] if gather_only else range(features["n_shards"]))
     if shards:
-        tracks = tracks_to_featurize(Path(meta_dir))
+        tracks, sha1s = tracks_to_featurize(Path(meta_dir)), indexed_sha1s(Path(meta_dir))
         for k in shards:
-            doc = featurize_shard(tracks, k, features, Path(out_dir), n_workers)
+            doc = featurize_shard(tracks, k, features, Path(out_dir), n_workers, sha1s)
             log.info(
                 "shard %s: %d clips, %d frames, %d skipped",
                 shard_name(k),

@@ -40,6 +40,21 @@ def problem(name: str, doc: Any) -> str | None:
     return None
 
 
+def read_labelled(meta_dir: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """Class names and fine-tuning tracks, each track's label checked against labels.json (the
+    documents are written together; a hand edit of one would silently relabel clips)."""
+    ids = read(meta_dir, "labels")["ids"]
+    tracks = read(meta_dir, "finetune")["tracks"]
+    wrong = [t["track_id"] for t in tracks if ids.get(t["genre"]) != t["label"]]
+    if wrong:
+        shown = ", ".join(map(str, wrong[:10]))
+        raise BadInput(
+            f"{Path(meta_dir) / 'finetune.json'}: label ids of track(s) {shown} disagree with "
+            "labels.json; rerun `cola prepare`"
+        )
+    return sorted(ids, key=ids.__getitem__), tracks
+
+
 def read(meta_dir: str | Path, name: str) -> dict[str, Any]:
     """data/meta/<name>.json, checked: a bad file is a one-line error naming it and the fix."""
     path = Path(meta_dir) / f"{name}.json"

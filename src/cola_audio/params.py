@@ -14,6 +14,7 @@ import jsonschema
 import yaml
 
 from cola_audio.errors import InputError
+from cola_audio.fma import SUBSET_ORDER
 
 SCHEMA_NAME = "params.schema.yaml"
 
@@ -102,7 +103,7 @@ def _check_cross_field(params: dict[str, Any], source: str) -> None:
     lo, hi = params["data"]["synthetic"]["clip_seconds"]
     if lo > hi:
         problems.append(f"data.synthetic.clip_seconds = {[lo, hi]} must be [shortest, longest]")
-    order = {"small": 0, "medium": 1, "large": 2}
+    order = {name: rank for rank, name in enumerate(SUBSET_ORDER)}
     data = params["data"]
     if order[data["pretrain_subset"]] < order[data["finetune_subset"]]:
         problems.append(
@@ -142,12 +143,10 @@ def finetune_runs(finetune: dict[str, Any]) -> dict[str, dict[str, str]]:
 
 # Keys that change how fast a stage runs, never what it computes. No stage declares them, so an
 # edit reruns nothing in either tool. (`download` as a whole is transport: mirror, retries,
-# timeouts; the archives' SHA1s, under data.fma, fix what is downloaded.)
-SPEED_KEYS = {
-    "features": ("workers",),
-    "pretrain": ("num_workers",),
-    "finetune": ("num_workers",),
-}
+# timeouts; the archives' SHA1s, under data.fma, fix what is downloaded.) `num_workers` is not
+# one: loader workers draw the random crops from their own seeded generators, so the crops, and
+# the trained weights, depend on it.
+SPEED_KEYS = {"features": ("workers",)}
 
 
 def declared_params(
@@ -188,6 +187,7 @@ def report_params(params: dict[str, Any]) -> dict[str, Any]:
         "report",
         "finetune.runs",
         "finetune.seeds",
+        "finetune.crop_frames",
         "data.source",
         "data.finetune_subset",
         "data.pretrain_subset",

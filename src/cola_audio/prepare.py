@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from cola_audio import fma, fsutil, meta
+from cola_audio import fma, folder, fsutil, meta
 from cola_audio.errors import BadInput
 
 log = logging.getLogger(__name__)
@@ -59,10 +59,12 @@ def build(
         for tid, row in ft.sort_index().iterrows()
     ]
     held_out = {t["track_id"] for t in finetune if t["split"] != "train"}
+    by_artists = guard["exclude_eval_artists"]  # implies the track guard: same artists
     artists = tracks[("artist", "id")]
-    held_out_artists = set(artists[sorted(held_out)]) if guard["exclude_eval_artists"] else set()
+    held_out_artists = set(artists[sorted(held_out)].dropna()) if by_artists else set()
     pt = tracks[in_subset(tracks, pt_subset)].sort_index()
-    by_track = {int(t) for t in pt.index if guard["exclude_eval_from_pretrain"] and t in held_out}
+    track_guard = guard["exclude_eval_from_pretrain"] or by_artists
+    by_track = {int(t) for t in pt.index if track_guard and t in held_out}
     by_artist = {int(t) for t in pt.index if artists[t] in held_out_artists} - held_out
     pretrain = [
         {
@@ -91,6 +93,51 @@ def build(
     }
 
 
+def build_folder(index: pd.DataFrame) -> dict[str, Any]:
+    """Pure: the three metadata documents from a folder index (data.source: folder). Track ids
+    number the labelled files in path order, then the unlabelled ones; class names sorted → ids;
+    pretraining gets the training split and the unlabelled files, never validation or test."""
+    index = index.sort_values("path", kind="stable")
+    labelled = index[index["split"] != "unlabelled"]
+    labels = label_map(labelled["label"])
+    finetune = [
+        {
+            "track_id": i,
+            "genre": row.label,
+            "label": labels[row.label],
+            "split": row.split,
+            "audio": row.path,
+            "sha1": row.sha1,
+        }
+        for i, row in enumerate(labelled.itertuples(), start=1)
+    ]
+    extra = index[index["split"] == "unlabelled"]
+    unlabelled = [
+        {"track_id": i, "audio": row.path, "sha1": row.sha1}
+        for i, row in enumerate(extra.itertuples(), start=len(finetune) + 1)
+    ]
+    train = [
+        {k: t[k] for k in ("track_id", "audio", "sha1")} for t in finetune if t["split"] == "train"
+    ]
+    counts = {s: sum(t["split"] == s for t in finetune) for s in ("train", "val", "test")}
+    return {
+        "labels": {"subset": "folder", "genres": list(labels), "ids": labels},
+        "finetune": {
+            "subset": "folder",
+            "n_classes": len(labels),
+            "split_counts": counts,
+            "dropped_without_genre_top": [],
+            "tracks": finetune,
+        },
+        "pretrain": {
+            "subset": "folder",
+            "excluded_eval_tracks": counts["val"] + counts["test"],
+            "excluded_eval_artist_tracks": 0,
+            "tracks": train + unlabelled,
+        },
+    }
+
+
 def validate_meta(docs: dict[str, Any]) -> None:
     """The documents about to be written must pass the schema their readers check (a bug here
     otherwise, not bad input)."""
@@ -103,10 +150,13 @@ def run(
     params: dict[str, Any], out_dir: str | Path = "data/meta", raw_dir: Path = fma.RAW_DIR
 ) -> dict[str, Any]:
     data = params["data"]
-    release = Path(raw_dir) / "fma_metadata"
-    tracks = fma.read_tracks(release / "tracks.csv")
-    fma.read_genres(release / "genres.csv")  # fail early on a wrong or missing genre table
-    docs = build(tracks, data, params["prepare"], Path(raw_dir))
+    if data["source"] == "folder":
+        docs = build_folder(folder.read_index(Path(raw_dir)))
+    else:
+        release = Path(raw_dir) / "fma_metadata"
+        tracks = fma.read_tracks(release / "tracks.csv")
+        fma.read_genres(release / "genres.csv")  # fail early on a wrong or missing genre table
+        docs = build(tracks, data, params["prepare"], Path(raw_dir))
     validate_meta(docs)
     for name, doc in docs.items():
         fsutil.write_json(Path(out_dir) / f"{name}.json", doc)

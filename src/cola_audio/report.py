@@ -237,7 +237,7 @@ TEMPLATES = jinja2.Environment(
     undefined=jinja2.StrictUndefined,
     trim_blocks=True,
     keep_trailing_newline=True,
-    autoescape=False,  # Markdown out; the HTML page escapes through markdown-it-py
+    autoescape=False,  # Markdown out; markdown-it-py escapes for the HTML page (html: False)
 )
 
 
@@ -267,7 +267,7 @@ def render_markdown(table: pd.DataFrame, context: dict[str, Any]) -> str:
     ]
     return TEMPLATES.get_template("report.md.j2").render(
         **{k: context[k] for k in ("source", "finetune_subset", "pretrain_subset", "seeds")},
-        **{k: context[k] for k in ("n_resamples", "runs", "pretrain_line")},
+        **{k: context[k] for k in ("n_resamples", "runs", "pretrain_line", "padded")},
         conf=f"{context['confidence']:.0%}",
         rows=rows,
         comparisons=[comparison_sentence(d, context["confidence"]) for d in context["comparisons"]],
@@ -282,7 +282,7 @@ def render_markdown(table: pd.DataFrame, context: dict[str, Any]) -> str:
 def render_html(markdown: str, figures: Path) -> str:
     """A self-contained page: the Markdown rendered by markdown-it-py (CommonMark and tables),
     each figure inlined as base64 so the file can be mailed or archived alone."""
-    md = MarkdownIt("commonmark").enable("table")
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
     tokens = md.parse(markdown)
     for token in tokens:
         for child in token.children or []:
@@ -305,6 +305,7 @@ def run(
     out_dir, figures, cfg = Path(out_dir), Path(out_dir) / "figures", params["report"]
     boot = {"confidence": cfg["confidence"], "n": cfg["bootstrap_resamples"], "seed": 0}
     specs = finetune_runs(params["finetune"])
+    crop = params["finetune"]["crop_frames"]
     seeds = sorted(params["finetune"]["seeds"])
     genres = meta.read(meta_dir, "labels")["genres"]
     scored = load_scored(Path(models), list(specs), seeds, genres)
@@ -312,7 +313,9 @@ def run(
         name: stats.run_summary(s, boot["confidence"], boot["n"], boot["seed"])
         for name, s in scored.items()
     }
-    table = results_table(summaries, specs, len(genres), cfg["published"])
+    # The seed repository's numbers are FMA-small's: beside another dataset they would mislead.
+    published = {} if params["data"]["source"] == "folder" else cfg["published"]
+    table = results_table(summaries, specs, len(genres), published)
     diffs = comparisons_table(scored, cfg["comparisons"], **boot)
     plot_results(table, scored, diffs, figures / "results.png")
     plot_pretraining(
@@ -334,6 +337,8 @@ def run(
             fsutil.read_json(Path(models) / "pretrain" / "summary.json")
         ),
         "provenance": provenance(params, Path(features), Path(models)),
+        "padded": int((pd.read_csv(Path(features) / "index.csv")["frames"] < crop).sum()),
+        "crop_frames": crop,
     }
     markdown = render_markdown(table, context)
     fsutil.write_text(out_dir / "report.md", markdown)

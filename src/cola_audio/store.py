@@ -90,10 +90,7 @@ class FeatureStore:
         return out
 
     def crop(self, track_id: int, start: int, length: int) -> np.ndarray:
-        """`length` frames from `start` as float32, zero-padded at the end if the clip is short."""
-        shard, offset, frames = self.locate(track_id)
-        start = max(0, min(start, frames - 1))
-        stop = min(frames, start + length)
-        out = np.full((length, self.n_mels), self.pad_value, dtype=np.float32)
-        out[: stop - start] = self._map(shard)[offset + start : offset + stop]
-        return out
+        """`length` frames from `start` as float32, padded with silence (the log floor) past the
+        end of a short clip: one crop of `crops`."""
+        self.locate(track_id)  # a KeyError naming the track if it is not in the store
+        return self.crops(np.asarray([track_id]), np.asarray([start]), length)[0]

@@ -188,7 +188,7 @@ SIGNATURES: dict[str, Signature] = {
         (0, 3, 5, 7, 10),
     ),
 }
-GENRE_IDS = {name: gid for gid, name in ROOT_GENRES.items()}
+GENRE_IDS = {name: gid for gid, name in {**ROOT_GENRES, **EXTRA_ROOTS}.items()}
 
 # (sample rate, channels, bit rate kb/s, weight): the release mixes these, mostly 44.1 kHz stereo;
 # the cheap-to-encode ones dominate here to keep the default pipeline fast.
@@ -391,8 +391,8 @@ def plan_dataset(cfg: dict[str, Any]) -> tuple[pd.DataFrame, list[TrackPlan]]:
             extra = list(EXTRA_ROOTS)[i % 2]
             genre_ids, top = [extra], EXTRA_ROOTS[extra]
         elif kind == 1:  # several root genres → empty genre_top, as in the release
-            other = GENRE_IDS[list(SIGNATURES)[(i + 3) % 8]]
-            genre_ids, top = sorted({GENRE_IDS[genre], other, 4}), ""
+            other = GENRE_IDS[list(SIGNATURES)[(i + 3) % len(SIGNATURES)]]
+            genre_ids, top = sorted({GENRE_IDS[genre], other, GENRE_IDS["Jazz"]}), ""
         else:
             genre_ids, top = [GENRE_IDS[genre]], genre
         subset = "medium" if kind == 2 else "large"

@@ -24,7 +24,6 @@ from pytorch_lightning.loggers import CSVLogger
 
 from cola_audio import fsutil
 from cola_audio.errors import InputError, MissingInput
-from cola_audio.params import SPEED_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -63,24 +62,23 @@ def resolve_precision(trainer_cfg: dict[str, Any]) -> str:
     precision = str(trainer_cfg["precision"])
     if precision != "auto":
         return "32-true" if precision == "32" else precision
-    on_gpu = trainer_cfg["accelerator"] in ("gpu", "cuda") or (
-        trainer_cfg["accelerator"] == "auto" and torch.cuda.is_available()
-    )
-    return "bf16-mixed" if on_gpu else "32-true"
+    return "bf16-mixed" if uses_gpu(trainer_cfg) else "32-true"
 
 
-SPEED_ONLY_KEYS = tuple(sorted({k for keys in SPEED_KEYS.values() for k in keys}))
+def uses_gpu(trainer_cfg: dict[str, Any]) -> bool:
+    """The one place that decides whether training runs on a GPU."""
+    accelerator = trainer_cfg["accelerator"]
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def run_identity(
     section: dict[str, Any], inputs: list[Path], ignore: tuple[str, ...] = (), **extra: Any
 ) -> str:
-    """SHA1 of everything a run's result depends on: its whole resolved params section (less the
-    speed-only keys and `ignore`, the lists of other jobs), `extra` (this job's run and seed),
+    """SHA1 of everything a run's result depends on: its whole resolved params section (less
+    `ignore`, the lists of other jobs), `extra` (this job's run and seed),
     every input file's bytes (feature shards included) and the package's own source. Only a
     checkpoint with this identity is resumed."""
-    skip = {*SPEED_ONLY_KEYS, *ignore}
-    settings = {k: v for k, v in section.items() if k not in skip}
+    settings = {k: v for k, v in section.items() if k not in ignore}
     digest = hashlib.sha1(
         json.dumps({"params": settings, **extra}, sort_keys=True, default=str).encode()
     )
@@ -188,7 +186,7 @@ def make_trainer(
     cfg = section["trainer"]
     callbacks = [*callbacks, PreciseBatchNorm(section["precise_bn_batches"])]
     accelerator = "gpu" if cfg["accelerator"] == "cuda" else cfg["accelerator"]
-    on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
+    on_gpu = uses_gpu(cfg)
     kwargs: dict[str, Any] = {
         "accelerator": accelerator,
         "devices": cfg["devices"],

@@ -1,9 +1,25 @@
 #!/usr/bin/env bash
 # A one-node SLURM cluster on 127.0.0.1 for the `cluster` tests: munge, MariaDB, slurmdbd (so sacct
 # and account checks work as on a real site), slurmctld and slurmd, from Debian's packages.
-# Idempotent: a second run finds the daemons up and only re-checks. Needs root. Exit 77: cannot.
+# Idempotent: a second run finds the daemons up and only re-checks. Needs root. Exit 77: cannot,
+# or will not: it never touches a SLURM or MariaDB it did not set up (a real site's config).
 set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "slurm-up: needs root" >&2; exit 77; }
+MARK="# cola-audio test cluster, written by tests/cluster/slurm-up.sh"
+ROOT=/var/lib/cola-slurm
+mkdir -p "$ROOT"
+if [ -f /etc/slurm/slurm.conf ] && ! grep -qxF "$MARK" /etc/slurm/slurm.conf; then
+  echo "slurm-up: /etc/slurm/slurm.conf belongs to another SLURM; refusing to touch it" >&2
+  exit 77
+fi
+if [ ! -f /etc/slurm/slurm.conf ] && pgrep -x slurmctld >/dev/null; then
+  echo "slurm-up: a slurmctld runs that this script did not start; refusing" >&2
+  exit 77
+fi
+if pgrep -x mariadbd >/dev/null && [ ! -f "$ROOT/started-mariadb" ]; then
+  echo "slurm-up: a MariaDB runs that this script did not start; refusing to add to it" >&2
+  exit 77
+fi
 
 need=()
 for cmd in slurmctld slurmd slurmdbd sacctmgr munged mariadbd; do
@@ -20,7 +36,6 @@ fi
 HOST=$(hostname -s)
 CPUS=$(nproc)
 MEM_MB=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10))
-ROOT=/var/lib/cola-slurm
 LOGS=/var/log/cola-slurm
 mkdir -p "$ROOT/ctld" "$ROOT/d" "$LOGS" /etc/slurm /run/munge
 
@@ -37,14 +52,18 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
 
 # munge: the key Debian generated on install; one daemon.
 [ -s /etc/munge/munge.key ] || mungekey --create --force
-chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge 2>/dev/null || true
-pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged
+if ! pgrep -x munged >/dev/null; then
+  chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge 2>/dev/null || true
+  runuser -u munge -- /usr/sbin/munged
+  touch "$ROOT/started-munge"
+fi
 wait_for 10 munge munge -n
 
 # MariaDB holding SLURM's accounting database.
 if ! pgrep -x mariadbd >/dev/null; then
   mkdir -p /run/mysqld && chown mysql:mysql /run/mysqld
   (mysqld_safe --skip-networking=0 --bind-address=127.0.0.1 >"$LOGS/mariadb.log" 2>&1 &)
+  touch "$ROOT/started-mariadb"
 fi
 wait_for 30 MariaDB mysqladmin ping
 mysql -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
@@ -52,6 +71,7 @@ mysql -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
   GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost'; FLUSH PRIVILEGES;"
 
 cat >/etc/slurm/slurmdbd.conf <<CONF
+$MARK
 AuthType=auth/munge
 DbdHost=localhost
 DbdAddr=127.0.0.1
@@ -67,6 +87,7 @@ CONF
 chmod 600 /etc/slurm/slurmdbd.conf
 
 cat >/etc/slurm/slurm.conf <<CONF
+$MARK
 ClusterName=cola
 SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root

@@ -3,6 +3,8 @@ import functools
 import subprocess
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
+
 from snakemake.utils import validate
 
 from cola_audio.params import (
@@ -36,16 +38,30 @@ JOB_THREADS = 8
 
 @functools.cache
 def slurm_node_size():
-    """(CPUs, MB) of the smallest node SLURM lists. A request above it is not refused: the job
-    sits PENDING (reason PartitionConfig) forever, so requests are capped to it instead.
-    """
-    out = subprocess.run(
-        ["sinfo", "-h", "-N", "-o", "%c %m"], capture_output=True, text=True, check=True
-    ).stdout
+    """(CPUs, MB) of the smallest usable node SLURM lists (any partition; down, drained and
+    failed nodes left out). A request above it is not refused: the job sits PENDING (reason
+    PartitionConfig) for ever, so requests are capped to it instead."""
+    cmd = ["sinfo", "-h", "-N", "-o", "%c %m %t"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise WorkflowError(
+            f"`{' '.join(cmd)}` failed ({exc}); is SLURM reachable here?"
+        )
     sizes = [
-        tuple(int(x) for x in line.split()) for line in out.splitlines() if line.strip()
+        (int(cpus.rstrip("+")), int(mem.rstrip("+")))
+        for cpus, mem, state in (
+            line.split() for line in out.splitlines() if line.strip()
+        )
+        if not state.startswith(("down", "drain", "drng", "fail", "inval"))
     ]
-    return min(c for c, _ in sizes), min(m for _, m in sizes)
+    if not sizes:
+        raise WorkflowError(f"`{' '.join(cmd)}` lists no usable node:\n{out}")
+    cpus, mem = min(c for c, _ in sizes), min(m for _, m in sizes)
+    print(
+        f"SLURM: thread and memory requests capped at the smallest node: {cpus} CPUs, {mem} MB"
+    )
+    return cpus, mem
 
 
 def on_slurm():

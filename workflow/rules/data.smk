@@ -1,7 +1,7 @@
 rule download:
     """FMA archives (verified) or the embedded dataset, in the release's layout."""
     input:
-        code("download", "synthetic", "fma"),
+        code("download", "synthetic", "fma", "folder"),
     output:
         directory("data/raw"),
     log:
@@ -20,7 +20,8 @@ rule download:
 rule prepare:
     """Metadata JSON: official split, stable label ids, leakage-free pretraining set."""
     input:
-        code("prepare", "fma", "meta"),
+        code("prepare", "fma", "folder", "meta"),
+        "workflow/schemas/meta.schema.yaml",
         "data/raw",
     output:
         "data/meta/labels.json",

@@ -5,6 +5,8 @@ rule report:
         "src/cola_audio/templates/report.md.j2",
         "src/cola_audio/templates/report.html.j2",
         all_predictions(),
+        shard_outputs("npy"),  # the provenance table lists their md5s
+        "data/features/index.csv",
         "models/pretrain/curve.csv",
         "models/pretrain/summary.json",
         "models/pretrain/encoder.safetensors",

@@ -1,0 +1,181 @@
+"""`data.source: folder`: any labelled audio folder, indexed and split, in place of FMA.
+
+A class-per-folder tree (Speech Commands, GTZAN, most private sets), or a labels CSV with
+`path,label[,split][,group]` columns (ESC-50, UrbanSound8K). `cola download` indexes it: every
+file's SHA1 (so DVC, featurization and the report trace each clip), its label, its group and its
+split. The split is the CSV's when it has one; otherwise it is drawn once, stratified by class and
+grouped by `group_pattern` (e.g. a speaker id in the file name), so a group never spans two
+splits. The embedded demo (`demo: true`) writes a small generated set of sound classes first, so
+the folder source runs offline.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import soundfile as sf
+
+from cola_audio import fsutil
+from cola_audio.errors import BadInput, MissingInput
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au")
+SPLITS = ("train", "val", "test")
+INDEX = "folder_index.csv"
+DEMO_DIR = "folder-demo"  # under data/raw, so the demo is part of download's output
+
+
+def audio_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+
+
+def labelled_files(cfg: dict[str, Any], root: Path) -> pd.DataFrame:
+    """path, label, split ('' when not given), group: from the labels CSV or the subfolders."""
+    if cfg["labels_csv"]:
+        csv = Path(cfg["labels_csv"])
+        table = pd.read_csv(csv, dtype=str).fillna("")
+        missing_cols = {"path", "label"} - set(table.columns)
+        if missing_cols:
+            raise BadInput(f"{csv}: needs columns path,label[,split][,group]; no {missing_cols}")
+        table["path"] = [(root / p).as_posix() for p in table["path"]]
+        absent = [p for p in table["path"] if not Path(p).is_file()]
+        if absent:
+            more = f" and {len(absent) - 5} more" if len(absent) > 5 else ""
+            shown = ", ".join(absent[:5]) + more
+            raise BadInput(f"{csv}: {len(absent)} listed file(s) do not exist: {shown}")
+        bad = sorted(set(table.get("split", pd.Series([], dtype=str))) - {"", *SPLITS})
+        if bad:
+            raise BadInput(f"{csv}: unknown split values {bad}; use train, val or test")
+    else:
+        classes = sorted(d for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+        if not classes:
+            raise MissingInput(
+                f"{root}: no class subfolders; set data.folder.path to a folder "
+                "with one subfolder per class, or give data.folder.labels_csv"
+            )
+        empty = [d.name for d in classes if not audio_under(d)]
+        if empty:
+            raise BadInput(f"{root}: class folder(s) without audio files: {', '.join(empty)}")
+        rows = [(p.as_posix(), d.name) for d in classes for p in audio_under(d)]
+        table = pd.DataFrame(rows, columns=["path", "label"])
+    if "split" not in table:
+        table["split"] = ""
+    if "group" not in table or not table["group"].astype(bool).all():
+        table["group"] = [group_of(p, cfg["group_pattern"]) for p in table["path"]]
+    return table[["path", "label", "split", "group"]].sort_values("path", ignore_index=True)
+
+
+def group_of(path: str, pattern: str | None) -> str:
+    """The first capture group of `pattern` in the file name, or the file itself."""
+    name = Path(path).name
+    if pattern and (match := re.search(pattern, name)):
+        return match.group(1) if match.groups() else match.group(0)
+    return path
+
+
+def assign_splits(table: pd.DataFrame, cfg: dict[str, Any]) -> pd.Series:
+    """Deterministic split per row: whole groups go to one split, visited in a seeded order and
+    each placed where its classes are furthest below their val/test/train targets."""
+    fractions = {"val": cfg["val_fraction"], "test": cfg["test_fraction"]}
+    fractions["train"] = 1.0 - fractions["val"] - fractions["test"]
+    per_class = table["label"].value_counts()
+    target = {s: per_class * f for s, f in fractions.items()}
+    placed = {s: pd.Series(0.0, index=per_class.index) for s in SPLITS}
+    groups = sorted(table["group"].unique())
+    order = np.random.default_rng(cfg["split_seed"]).permutation(len(groups))
+    split_of: dict[str, str] = {}
+    for g in (groups[i] for i in order):
+        counts = table.loc[table["group"] == g, "label"].value_counts()
+        need = {s: float(((target[s] - placed[s])[counts.index] * counts).sum()) for s in SPLITS}
+        best = max(("val", "test", "train"), key=lambda s: need[s])
+        split_of[g] = best
+        placed[best] = placed[best].add(counts, fill_value=0.0)
+    return table["group"].map(split_of)
+
+
+def check_splits(table: pd.DataFrame, where: str) -> None:
+    """Every class needs train, val and test files; no group may span two splits."""
+    counts = table.groupby(["label", "split"]).size().unstack(fill_value=0)
+    short = [c for c in counts.index if any(counts.loc[c].get(s, 0) == 0 for s in SPLITS)]
+    if short:
+        raise BadInput(
+            f"{where}: class(es) {', '.join(short)} lack files in train, val or test "
+            "(too few files or groups for the split); add files or lower the fractions"
+        )
+    spanning = table.groupby("group")["split"].nunique()
+    if (spanning > 1).any():
+        shown = ", ".join(spanning[spanning > 1].index[:5])
+        raise BadInput(f"{where}: group(s) {shown} span two splits; fix their split column")
+
+
+def index(cfg: dict[str, Any], raw_dir: Path) -> pd.DataFrame:
+    """Write raw_dir/folder_index.csv: every file with label, split, group, SHA1 and size."""
+    root = Path(raw_dir) / DEMO_DIR if cfg["demo"] else Path(cfg["path"])
+    if cfg["demo"]:
+        write_demo(root)
+    table = labelled_files(cfg, root)
+    if (table["split"] == "").any():
+        if (table["split"] != "").any():
+            raise BadInput(f"{cfg['labels_csv']}: give a split for every row or for none")
+        table["split"] = assign_splits(table, cfg)
+    check_splits(table, cfg["labels_csv"] or str(root))
+    if cfg["unlabelled_path"]:
+        extra = [p.as_posix() for p in audio_under(Path(cfg["unlabelled_path"]))]
+        rows = pd.DataFrame({"path": extra, "label": "", "split": "unlabelled", "group": extra})
+        table = pd.concat([table, rows], ignore_index=True)
+    table["sha1"] = [fsutil.file_digest(p, "sha1") for p in table["path"]]
+    table["bytes"] = [Path(p).stat().st_size for p in table["path"]]
+    with fsutil.atomic_path(Path(raw_dir) / INDEX) as tmp:
+        table.to_csv(tmp, index=False, lineterminator="\n")
+    return table
+
+
+def read_index(raw_dir: Path) -> pd.DataFrame:
+    path = Path(raw_dir) / INDEX
+    if not path.is_file():
+        raise MissingInput(f"{path}: missing; run `cola download` with data.source: folder")
+    return pd.read_csv(path, dtype={"label": str, "group": str}, keep_default_na=False)
+
+
+# The embedded demo: six sound classes a keyword/event set might hold, 8 "speakers" each saying
+# every class 3 times, in mixed formats, rates and lengths (some under 1 s), one file undecodable.
+DEMO_CLASSES = ("chirp-down", "chirp-up", "clicks", "noise-burst", "tone-high", "tone-low")
+# No OGG: libsndfile's Vorbis encoder picks a random stream serial, so its bytes differ per run.
+DEMO_FORMATS = (("wav", 16000), ("flac", 22050), ("flac", 44100), ("wav", 8000))
+
+
+def demo_clip(kind: str, seconds: float, sr: int, rng: np.random.Generator) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    pitch = rng.uniform(0.85, 1.15)  # the speaker's voice
+    if kind.startswith("chirp"):
+        f0, f1 = (300.0, 2400.0) if kind == "chirp-up" else (2400.0, 300.0)
+        wave = np.sin(2 * np.pi * pitch * (f0 * t + (f1 - f0) * t**2 / (2 * seconds)))
+    elif kind.startswith("tone"):
+        wave = np.sin(2 * np.pi * pitch * (1800.0 if kind == "tone-high" else 350.0) * t)
+    elif kind == "clicks":
+        wave = (rng.random(len(t)) < 20 * pitch / sr).astype(float) * rng.choice([-1, 1], len(t))
+    else:
+        wave = rng.standard_normal(len(t)) * np.exp(-3 * t / seconds)
+    wave = wave + 0.05 * rng.standard_normal(len(t))
+    return (0.8 * wave / max(np.abs(wave).max(), 1e-9)).astype(np.float32)
+
+
+def write_demo(root: Path, speakers: int = 8, takes: int = 3) -> None:
+    """Deterministic: the same bytes on every run."""
+    rng = np.random.default_rng(11)
+    for kind in DEMO_CLASSES:
+        for s in range(speakers):
+            speaker = f"{s * 2654435761 % 2**32:08x}"
+            for take in range(takes):
+                fmt, sr = DEMO_FORMATS[(s + take) % len(DEMO_FORMATS)]
+                seconds = float(rng.choice([0.6, 1.0, 1.5, 2.5]))
+                wave = demo_clip(kind, seconds, sr, rng)
+                path = root / kind / f"{speaker}_nohash_{take}.{fmt}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with fsutil.atomic_path(path, suffix=f".{fmt}") as tmp:
+                    sf.write(tmp, wave, sr, format=fmt.upper())
+    # One file no decoder can open, as real collections have: skipped, listed in the report.
+    fsutil.write_bytes(root / DEMO_CLASSES[0] / "deadbeef_nohash_9.wav", b"RIFF\x00\x00")
