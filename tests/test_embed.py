@@ -60,14 +60,17 @@ def test_hear_shapes_timestamps_and_scene_pooling(model, n_sounds, seconds):
     audio = torch.from_numpy(np.stack([tone(seconds, 220.0 * (k + 1)) for k in range(n_sounds)]))
     embeddings, timestamps = hear.get_timestamp_embeddings(audio, model)
     frames = FrontEnd().n_frames(audio.shape[1])
-    expected = 1 if frames < CROP else 1 + (frames - CROP) // HOP
+    expected = max(1, -(-frames // HOP))  # a window centred on every hop-th frame
     assert embeddings.shape == (n_sounds, expected, 1280) and embeddings.dtype == torch.float32
     assert timestamps.shape == (n_sounds, expected) and timestamps.dtype == torch.float32
-    # Centres in ms, written out: window k spans frames [k·hop, k·hop + 98).
-    first = np.arange(expected) * HOP * STEP
+    # Centres in ms, written out: window k spans frames [k·hop - 49, k·hop + 49).
+    first = (np.arange(expected) * HOP - CROP // 2) * STEP
     centres = (first + first + (CROP - 1) * STEP + FRAME) / 2 / SR * 1000
     assert np.allclose(timestamps[0].numpy(), centres)
     assert torch.all(timestamps[:, 1:] > timestamps[:, :-1])
+    # hear-validator's coverage rule: stamps from the start to within two hops of the end.
+    hop_ms, length_ms = HOP * STEP / SR * 1000, audio.shape[1] / SR * 1000
+    assert timestamps[0, 0] <= hop_ms and timestamps[0, -1] >= length_ms - 2 * hop_ms
     assert torch.equal(timestamps, timestamps[:1].expand_as(timestamps))
     scene = hear.get_scene_embeddings(audio, model)
     assert scene.shape == (n_sounds, 1280) and scene.dtype == torch.float32

@@ -121,3 +121,52 @@ def test_bad_trees_are_named(tmp_path):
     csv.write_text("path,label\ndog/0000_nohash_0.wav,dog\ndog/missing.wav,dog\n")
     with pytest.raises(BadInput, match=r"labels.csv: 1 listed file\(s\) do not exist: .*missing"):
         folder.index(cfg(tmp_path / "audio", labels_csv=str(csv)), tmp_path / "raw")
+
+
+def test_csv_groups_are_kept_and_blank_ones_come_from_the_file_name(tmp_path):
+    write_tree(tmp_path / "audio")
+    rows = [
+        (f"{label}/{s:04x}_nohash_{t}.wav", f" {label} ", "take-a" if t == 0 else "")
+        for label in ("dog", "rain", "siren")
+        for s in range(6)
+        for t in range(2)
+    ]
+    csv = tmp_path / "labels.csv"
+    pd.DataFrame(rows, columns=["path", "label", "group"]).to_csv(csv, index=False)
+    table = folder.labelled_files(cfg(tmp_path / "audio", labels_csv=str(csv)), tmp_path / "audio")
+    assert set(table["label"]) == {"dog", "rain", "siren"}  # stripped
+    assert set(table["group"][table["path"].str.endswith("_0.wav")]) == {"take-a"}
+    assert set(table["group"][table["path"].str.endswith("_1.wav")]) == {
+        f"{s:04x}" for s in range(6)
+    }
+
+
+def test_unlabelled_copies_of_labelled_audio_stay_out_of_pretraining(tmp_path):
+    write_tree(tmp_path / "audio")
+    table = folder.index(
+        cfg(tmp_path / "audio", unlabelled_path=str(tmp_path / "audio")), tmp_path / "raw"
+    )
+    assert (table["split"] != "unlabelled").all()  # every "unlabelled" file is a labelled one
+    with pytest.raises(MissingInput, match="unlabelled_path is not a folder"):
+        folder.index(cfg(tmp_path / "audio", unlabelled_path=str(tmp_path / "no")), tmp_path / "r")
+
+
+def test_hidden_and_underscore_folders_are_not_classes_and_a_dead_pattern_is_named(tmp_path):
+    write_tree(tmp_path / "audio")
+    (tmp_path / "audio" / "_background_noise_").mkdir()
+    sf.write(tmp_path / "audio" / "_background_noise_" / "n.wav", np.zeros(800, np.float32), 8000)
+    (tmp_path / "audio" / ".ipynb_checkpoints").mkdir()
+    table = folder.labelled_files(cfg(tmp_path / "audio"), tmp_path / "audio")
+    assert set(table["label"]) == {"dog", "rain", "siren"}
+    with pytest.raises(BadInput, match="group_pattern .* matches no file name"):
+        folder.labelled_files(
+            cfg(tmp_path / "audio", group_pattern="^spk(\\d+)_"), tmp_path / "audio"
+        )
+
+
+def test_a_changed_folder_changes_its_listing(tmp_path):
+    write_tree(tmp_path / "audio")
+    before = folder.listing(cfg(tmp_path / "audio"))
+    assert folder.listing(cfg(tmp_path / "audio")) == before
+    sf.write(tmp_path / "audio" / "dog" / "new.wav", np.zeros(800, np.float32), 8000)
+    assert folder.listing(cfg(tmp_path / "audio")) != before

@@ -60,21 +60,17 @@ class Embedder:
     def device(self) -> torch.device:
         return next(self.encoder.parameters()).device
 
-    def windows(self, features: np.ndarray, hop_frames: int | None = None) -> np.ndarray:
-        """(n, crop_frames, n_mels) windows every `hop_frames` (default: non-overlapping, as in
-        evaluation); a clip shorter than one window gives one window padded with silence."""
+    def windows(self, features: np.ndarray) -> np.ndarray:
+        """(n, crop_frames, n_mels) non-overlapping windows, as in evaluation; a clip shorter
+        than one window gives one window padded with silence."""
         crop = self.crop_frames
         if len(features) < crop:
-            pad = np.full((crop - len(features), features.shape[1]), self.pad_value, np.float32)
-            return np.concatenate([features, pad])[None]
-        starts = self.starts(len(features), hop_frames)
-        return np.stack([features[s : s + crop] for s in starts]).astype(np.float32)
+            return np.concatenate([features, self.silence(crop - len(features))])[None]
+        return np.stack([features[s : s + crop] for s in self.starts(len(features))])
 
-    def starts(self, frames: int, hop_frames: int | None = None) -> list[int]:
+    def starts(self, frames: int) -> list[int]:
         """First frame of each window of a clip with `frames` frames."""
-        if hop_frames is None:
-            return window_starts(frames, self.crop_frames)
-        return list(range(0, max(frames - self.crop_frames, 0) + 1, hop_frames))
+        return window_starts(frames, self.crop_frames)
 
     def centres_ms(self, starts: Iterable[int]) -> np.ndarray:
         """Each window's centre in milliseconds: midway between its first frame's first sample
@@ -87,6 +83,10 @@ class Embedder:
     @property
     def pad_value(self) -> float:
         return float(np.log(self.frontend.log_floor))
+
+    def silence(self, frames: int) -> np.ndarray:
+        """`frames` frames of the log floor: what the store pads short clips with."""
+        return np.full((frames, self.frontend.n_mels), self.pad_value, np.float32)
 
     @torch.no_grad()
     def embed(self, windows: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -113,6 +113,7 @@ def audio_files(paths: Iterable[str | Path]) -> list[Path]:
 
 def embed_file(embedder: Embedder, path: Path, windows: bool, batch_size: int) -> list[dict]:
     """Rows for one decodable file: one per clip (mean and max over its windows) or per window."""
+    sha1 = fsutil.file_digest(path, "sha1")  # before decoding: the bytes the vectors come from
     checked = check_audio(path, DECODE_CHECKS)
     if isinstance(checked, str):
         raise BadInput(checked)
@@ -122,7 +123,7 @@ def embed_file(embedder: Embedder, path: Path, windows: bool, batch_size: int) -
     vectors = embedder.embed(embedder.windows(features), batch_size)
     common = {
         "path": path.as_posix(),
-        "sha1": fsutil.file_digest(path, "sha1"),
+        "sha1": sha1,
         "encoder_md5": embedder.encoder_md5,
         "duration_s": round(len(wave) / sample_rate, 4),
         "padded": len(features) < embedder.crop_frames,
@@ -151,10 +152,10 @@ def run(
     for path in tqdm(audio_files(paths), desc="embed", unit="file"):
         try:
             rows += embed_file(embedder, path, windows, batch_size)
-        except BadInput as exc:
+        except (BadInput, OSError) as exc:  # undecodable, or gone or unreadable since listed
             log.warning("%s: skipped: %s", path, exc)
             skipped.append({"path": path.as_posix(), "reason": str(exc)})
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=list(rows[0]) if rows else ["path", "sha1", "encoder_md5"])
     with fsutil.atomic_path(out, suffix=".parquet") as tmp:
         table.to_parquet(tmp, index=False)
     skipped_csv = out.with_name(out.name + ".skipped.csv")

@@ -11,6 +11,7 @@ the folder source runs offline.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,11 @@ def labelled_files(cfg: dict[str, Any], root: Path) -> pd.DataFrame:
         missing_cols = {"path", "label"} - set(table.columns)
         if missing_cols:
             raise BadInput(f"{csv}: needs columns path,label[,split][,group]; no {missing_cols}")
+        table = table.apply(lambda column: column.str.strip())
+        if blank := [i + 2 for i in table.index[table["label"] == ""]]:
+            raise BadInput(f"{csv}: line(s) {blank[:10]} have no label")
+        if dupes := sorted(set(table["path"][table["path"].duplicated()])):
+            raise BadInput(f"{csv}: path(s) listed more than once: {', '.join(dupes[:5])}")
         table["path"] = [(root / p).as_posix() for p in table["path"]]
         absent = [p for p in table["path"] if not Path(p).is_file()]
         if absent:
@@ -50,7 +56,11 @@ def labelled_files(cfg: dict[str, Any], root: Path) -> pd.DataFrame:
         if bad:
             raise BadInput(f"{csv}: unknown split values {bad}; use train, val or test")
     else:
-        classes = sorted(d for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+        classes = (
+            sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "_")))
+            if root.is_dir()
+            else []
+        )  # `_background_noise_`, `.ipynb_checkpoints`: not classes
         if not classes:
             raise MissingInput(
                 f"{root}: no class subfolders; set data.folder.path to a folder "
@@ -63,8 +73,19 @@ def labelled_files(cfg: dict[str, Any], root: Path) -> pd.DataFrame:
         table = pd.DataFrame(rows, columns=["path", "label"])
     if "split" not in table:
         table["split"] = ""
-    if "group" not in table or not table["group"].astype(bool).all():
-        table["group"] = [group_of(p, cfg["group_pattern"]) for p in table["path"]]
+    if "group" not in table:
+        table["group"] = ""
+    blank = table["group"] == ""  # the CSV's groups stand; the others come from the file name
+    table.loc[blank, "group"] = [group_of(p, cfg["group_pattern"]) for p in table["path"][blank]]
+    if cfg["group_pattern"] and blank.any():
+        matched = sum(
+            bool(re.search(cfg["group_pattern"], Path(p).name)) for p in table["path"][blank]
+        )
+        if matched == 0:
+            raise BadInput(
+                f"data.folder.group_pattern {cfg['group_pattern']!r} matches no file name under "
+                f"{root} (e.g. {Path(table['path'].iloc[0]).name}); fix it or set it to null"
+            )
     return table[["path", "label", "split", "group"]].sort_values("path", ignore_index=True)
 
 
@@ -84,11 +105,12 @@ def assign_splits(table: pd.DataFrame, cfg: dict[str, Any]) -> pd.Series:
     per_class = table["label"].value_counts()
     target = {s: per_class * f for s, f in fractions.items()}
     placed = {s: pd.Series(0.0, index=per_class.index) for s in SPLITS}
-    groups = sorted(table["group"].unique())
+    by_group = {g: rows["label"].value_counts() for g, rows in table.groupby("group", sort=True)}
+    groups = list(by_group)
     order = np.random.default_rng(cfg["split_seed"]).permutation(len(groups))
     split_of: dict[str, str] = {}
     for g in (groups[i] for i in order):
-        counts = table.loc[table["group"] == g, "label"].value_counts()
+        counts = by_group[g]
         need = {s: float(((target[s] - placed[s])[counts.index] * counts).sum()) for s in SPLITS}
         best = max(("val", "test", "train"), key=lambda s: need[s])
         split_of[g] = best
@@ -122,15 +144,47 @@ def index(cfg: dict[str, Any], raw_dir: Path) -> pd.DataFrame:
             raise BadInput(f"{cfg['labels_csv']}: give a split for every row or for none")
         table["split"] = assign_splits(table, cfg)
     check_splits(table, cfg["labels_csv"] or str(root))
-    if cfg["unlabelled_path"]:
-        extra = [p.as_posix() for p in audio_under(Path(cfg["unlabelled_path"]))]
-        rows = pd.DataFrame({"path": extra, "label": "", "split": "unlabelled", "group": extra})
-        table = pd.concat([table, rows], ignore_index=True)
     table["sha1"] = [fsutil.file_digest(p, "sha1") for p in table["path"]]
+    if cfg["unlabelled_path"]:
+        table = pd.concat(
+            [table, unlabelled(Path(cfg["unlabelled_path"]), table)], ignore_index=True
+        )
     table["bytes"] = [Path(p).stat().st_size for p in table["path"]]
     with fsutil.atomic_path(Path(raw_dir) / INDEX) as tmp:
         table.to_csv(tmp, index=False, lineterminator="\n")
     return table
+
+
+def unlabelled(folder: Path, labelled: pd.DataFrame) -> pd.DataFrame:
+    """Rows for the pretraining-only audio under `folder`, less any file that is also labelled
+    (same path or same bytes): validation and test audio must never reach pretraining."""
+    if not folder.is_dir():
+        raise MissingInput(f"{folder}: data.folder.unlabelled_path is not a folder")
+    paths = [p.as_posix() for p in audio_under(folder)]
+    rows = pd.DataFrame({"path": paths, "label": "", "split": "unlabelled", "group": paths})
+    rows["sha1"] = [fsutil.file_digest(p, "sha1") for p in rows["path"]]
+    known = rows["path"].isin(labelled["path"]) | rows["sha1"].isin(labelled["sha1"])
+    return rows[~known]
+
+
+def listing(cfg: dict[str, Any]) -> str:
+    """SHA1 of every file's path, size and modification time under the folder (and the labels
+    CSV, and the unlabelled folder): cheap to take at each Snakemake start, and it changes when
+    audio is added, removed or rewritten, so the index is rebuilt (the files live outside the
+    repository, where no tool watches them by itself)."""
+    if cfg["demo"]:
+        return "demo"
+    paths = [
+        Path(cfg["path"]),
+        *(Path(p) for p in (cfg["labels_csv"], cfg["unlabelled_path"]) if p),
+    ]
+    digest = hashlib.sha1()
+    for root in paths:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in files:
+            st = path.stat()
+            digest.update(f"{path.as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def read_index(raw_dir: Path) -> pd.DataFrame:

@@ -6,12 +6,15 @@
     scene = hear.get_scene_embeddings(audio, model)
 
 Audio is a float32 tensor (n_sounds, n_samples) at `model.sample_rate` (16 kHz), on the model's
-device. Timestamp embeddings come from 1 s windows every TIMESTAMP_HOP_FRAMES frames (250 ms),
-each stamped at its centre in milliseconds; a sound shorter than 1 s gives one window padded with
-silence. A scene embedding is the mean of the sound's timestamp embeddings.
+device. Timestamp embeddings come from 1 s windows centred every TIMESTAMP_HOP_FRAMES frames
+(50 ms, as HEAR suggests for event detection) from the first frame to the last, the audio padded
+with silence (the log floor) by half a window at both ends, each stamped at its centre in
+milliseconds. A scene embedding is the mean of the sound's timestamp embeddings.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -19,7 +22,7 @@ import torch
 from cola_audio.embed import DEFAULT_ENCODER, Embedder
 from cola_audio.models.encoder import EMBED_DIM
 
-TIMESTAMP_HOP_FRAMES = 25  # 250 ms at the front-end's 10 ms hop
+TIMESTAMP_HOP_FRAMES = 5  # 50 ms at the front-end's 10 ms hop
 
 
 class HearModel(torch.nn.Module):
@@ -48,14 +51,18 @@ def get_timestamp_embeddings(
     if audio.ndim != 2:
         raise ValueError(f"audio must be (n_sounds, n_samples), got shape {tuple(audio.shape)}")
     embedder, device = model.embedder, audio.device
-    sounds = audio.detach().float().cpu().numpy()
-    features = [embedder.frontend.features(wave, model.sample_rate) for wave in sounds]
-    starts = embedder.starts(len(features[0]) if features else 0, TIMESTAMP_HOP_FRAMES)
-    windows = [embedder.windows(f, TIMESTAMP_HOP_FRAMES) for f in features]
-    flat = embedder.embed(np.concatenate(windows)) if windows else np.zeros((0, EMBED_DIM))
-    embeddings = torch.from_numpy(flat.reshape(len(sounds), len(starts), EMBED_DIM))
+    crop, hop, half = embedder.crop_frames, TIMESTAMP_HOP_FRAMES, embedder.crop_frames // 2
+    frames = embedder.frontend.n_frames(audio.shape[1])
+    starts = [k * hop - half for k in range(max(1, math.ceil(frames / hop)))]  # may be < 0
+    windows = []
+    for wave in audio.detach().float().cpu().numpy():
+        features = embedder.frontend.features(wave, model.sample_rate)
+        padded = np.concatenate([embedder.silence(half), features, embedder.silence(crop - half)])
+        windows += [padded[s + half : s + half + crop] for s in starts]
+    flat = embedder.embed(np.stack(windows)) if windows else np.zeros((0, EMBED_DIM), np.float32)
+    embeddings = torch.from_numpy(flat.reshape(len(audio), len(starts), EMBED_DIM))
     centres = torch.from_numpy(embedder.centres_ms(starts).astype(np.float32))
-    timestamps = centres.expand(len(sounds), -1).contiguous()
+    timestamps = centres.expand(len(audio), -1).contiguous()
     return embeddings.to(device), timestamps.to(device)
 
 

@@ -79,6 +79,17 @@ def node_mem_mb(wanted):
     return lambda wildcards: min(wanted, slurm_node_size()[1]) if on_slurm() else wanted
 
 
+def folder_listing():
+    """For data.source: folder, a fingerprint of the files (path, size, mtime) outside the
+    repository: an edited folder reruns download. DVC cannot see them: `dvc repro -f download`.
+    """
+    if config["data"]["source"] != "folder":
+        return ""
+    from cola_audio.folder import listing
+
+    return listing(config["data"]["folder"])
+
+
 def code(*modules):
     """The stage's own source files: editing them reruns the stage (as DVC deps do)."""
     return [f"{SRC}/{m}.py" for m in modules]

@@ -13,6 +13,7 @@ rule download:
         mem_mb=node_mem_mb(2000),
     params:
         **data_params(config),  # only what changes the audio: never `download` (transport)
+        folder_files=folder_listing(),  # data.source: folder: the files themselves
     shell:
         "cola --params params.yaml download > {log} 2>&1"
 
