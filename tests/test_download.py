@@ -261,3 +261,36 @@ def test_a_failed_download_keeps_verified_archives_and_the_rerun_fetches_only_th
         "fma_metadata",
         "fma_small",
     ]
+
+
+@pytest.mark.slow
+def test_snakemake_keeps_verified_archives_when_download_fails(server, tmp_path):
+    """The real orchestrator, fma mode, loopback mirror: a 404 on the third archive fails the job
+    and Snakemake removes data/raw, yet the two verified archives stay and the rerun fetches only
+    the missing one."""
+    import yaml
+
+    from conftest import sh, tiny_checkout
+
+    archives = {
+        "fma_metadata.zip": make_zip("fma_metadata", {"tracks.csv": b"t" * 100}),
+        "fma_small.zip": make_zip("fma_small", {"000/000002.mp3": b"a" * 3000}),
+        "fma_large.zip": make_zip("fma_large", {"000/000002.mp3": b"a" * 3000}),
+    }
+    repo = tiny_checkout(tmp_path / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["source"] = "fma"
+    params["data"]["fma"]["sha1"] = {name: sha1(blob) for name, blob in archives.items()}
+    params["download"].update(base_url=server.url, retries=0, backoff_s=0.01)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    server.files.update({k: v for k, v in archives.items() if k != "fma_large.zip"})
+    failed = sh("snakemake --cores 1 --until download", repo, check=False)
+    assert failed.returncode != 0
+    assert not (repo / "data" / "raw").exists()  # Snakemake removed the failed job's output
+    cache = repo / "data" / "downloads"
+    assert sorted(p.name for p in cache.iterdir()) == ["fma_metadata.zip", "fma_small.zip"]
+    server.files["fma_large.zip"] = archives["fma_large.zip"]
+    server.requests.clear()
+    sh("snakemake --cores 1 --until download", repo)
+    assert [name for name, _ in server.requests] == ["fma_large.zip"]
+    assert (repo / "data" / "raw" / "fma_large" / "000" / "000002.mp3").is_file()
