@@ -3,9 +3,12 @@
 A fresh clone has no .snakemake metadata and `dvc pull` writes files with fresh mtimes in arbitrary
 order, so Snakemake would rebuild everything downstream of whatever landed first, retraining
 the encoder. DVC knows better: it hashed each stage's deps, params and outs. For every Snakemake
-rule all of whose DVC stages `dvc status` reports up to date, this runs `snakemake --touch` on
-their outputs (in DAG order, recording Snakemake's metadata), and leaves every other rule alone,
-so a changed parameter or file still triggers the rerun it should.
+rule all of whose DVC stages `dvc status` reports up to date, this runs `snakemake --touch
+--forcerun` on their outputs (in DAG order, recording Snakemake's metadata: params, code, inputs),
+and leaves every other rule alone, so a changed parameter or file still triggers the rerun it
+should. Without --forcerun, touch skips jobs whose pulled outputs already look newer than their
+inputs, and those rules (download, prepare, featurize_shard here) kept no metadata: a later
+edit of their params went unnoticed.
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ def run(params: dict[str, Any], repo: Path = Path("."), dry_run: bool = False) -
         "1",
         "--quiet",
         "all",
+        "--forcerun",
+        *rules,
         "--allowed-rules",
         *rules,
         "--",
