@@ -36,6 +36,19 @@ def tiny_params_dict() -> dict[str, Any]:
     return params.validate(merge(base, tiny))
 
 
+# Every rule but `all`, in pipeline order: what a full build runs.
+PIPELINE_RULES = (
+    "download",
+    "prepare",
+    "featurize_shard",
+    "featurize_gather",
+    "pretrain",
+    "finetune_scratch",
+    "finetune_pretrained",
+    "report",
+)
+
+
 def sh(cmd: str, cwd: Path, check: bool = True, timeout: float | None = None):
     """Run a shell command as a user would (one BLAS thread, a git identity); fail showing its
     output's tail."""

@@ -19,23 +19,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, sh, tiny_checkout
+from conftest import PIPELINE_RULES, REPO, sh, tiny_checkout
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 SCRIPTS = REPO / "tests" / "cluster"
 # Only how often Snakemake looks at the queue (the profile's defaults suit a busy real cluster).
 FAST_POLLING = "--slurm-init-seconds-before-status-checks 2 --seconds-between-status-checks 2"
 PROFILE = "snakemake --workflow-profile workflow/profiles/slurm " + FAST_POLLING
-REMOTE_RULES = {
-    "download",
-    "prepare",
-    "featurize_shard",
-    "featurize_gather",
-    "pretrain",
-    "finetune_scratch",
-    "finetune_pretrained",
-    "report",
-}
+REMOTE_RULES = set(PIPELINE_RULES)  # every rule but `all` runs as a SLURM job
 
 
 def service(script: str, *args: str) -> str:
