@@ -83,6 +83,16 @@ def window_starts(frames: int, crop: int) -> list[int]:
     return list(range(0, frames - crop + 1, crop)) or [0]
 
 
+def clip_windows(clip: np.ndarray, crop: int, pad_value: float) -> np.ndarray:
+    """(n, crop, mels) non-overlapping windows of a (frames, mels) clip: a reshape, no copy per
+    window; a clip shorter than one window gives one window padded with `pad_value` (silence)."""
+    if len(clip) < crop:
+        pad = np.full((crop - len(clip), clip.shape[1]), pad_value, dtype=np.float32)
+        return np.concatenate([clip.astype(np.float32), pad])[None]
+    n = len(window_starts(len(clip), crop))
+    return clip[: n * crop].reshape(n, crop, clip.shape[1])
+
+
 class ClipWindows(Dataset):
     """All windows of one clip as a stack (evaluation: logits are averaged over the clip)."""
 
@@ -96,11 +106,7 @@ class ClipWindows(Dataset):
         track = self.tracks[i]
         tid = track["track_id"]
         clip = np.asarray(self.store.clip(tid), dtype=np.float32)
-        n = len(window_starts(len(clip), self.crop))
-        if len(clip) >= self.crop:  # a reshape of the clip's frames: no copy per window
-            windows = clip[: n * self.crop].reshape(n, self.crop, clip.shape[1])
-        else:
-            windows = self.store.crop(tid, 0, self.crop)[None]
+        windows = clip_windows(clip, self.crop, self.store.pad_value)
         return torch.from_numpy(np.ascontiguousarray(windows)), track["label"], tid
 
 

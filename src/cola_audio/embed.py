@@ -20,10 +20,10 @@ import torch
 from tqdm import tqdm
 
 from cola_audio import fsutil
-from cola_audio.data import window_starts
+from cola_audio.data import clip_windows, window_starts
 from cola_audio.errors import BadInput, MissingInput
 from cola_audio.featurize import check_audio
-from cola_audio.folder import AUDIO_SUFFIXES
+from cola_audio.folder import audio_under
 from cola_audio.frontend import FrontEnd
 from cola_audio.models.encoder import Encoder, encoder_metadata, load_encoder_weights
 
@@ -63,10 +63,7 @@ class Embedder:
     def windows(self, features: np.ndarray) -> np.ndarray:
         """(n, crop_frames, n_mels) non-overlapping windows, as in evaluation; a clip shorter
         than one window gives one window padded with silence."""
-        crop = self.crop_frames
-        if len(features) < crop:
-            return np.concatenate([features, self.silence(crop - len(features))])[None]
-        return np.stack([features[s : s + crop] for s in self.starts(len(features))])
+        return clip_windows(features, self.crop_frames, self.pad_value)
 
     def starts(self, frames: int) -> list[int]:
         """First frame of each window of a clip with `frames` frames."""
@@ -103,7 +100,7 @@ def audio_files(paths: Iterable[str | Path]) -> list[Path]:
     found: set[Path] = set()
     for path in map(Path, paths):
         if path.is_dir():
-            found.update(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+            found.update(audio_under(path))
         elif path.exists():
             found.add(path)
         else:

@@ -127,20 +127,18 @@ def _featurize_star(args: tuple[int, str, dict[str, Any], str | None]) -> Decode
     return featurize_file(*args)
 
 
-def tracks_to_featurize(meta_dir: Path) -> dict[int, str]:
-    """Union of fine-tuning and pretraining tracks → audio path (the fine-tuning copy first)."""
+def tracks_to_featurize(meta_dir: Path) -> tuple[dict[int, str], dict[int, str]]:
+    """Union of fine-tuning and pretraining tracks → audio path (the fine-tuning copy first), and
+    → the SHA1 recorded at download where the metadata has one (data.source: folder)."""
     finetune = meta.read(meta_dir, "finetune")["tracks"]
     pretrain = meta.read(meta_dir, "pretrain")["tracks"]
     paths: dict[int, str] = {}
+    sha1s: dict[int, str] = {}
     for track in pretrain + finetune:  # later wins: fine-tuning paths override
         paths[int(track["track_id"])] = track["audio"]
-    return dict(sorted(paths.items()))
-
-
-def indexed_sha1s(meta_dir: Path) -> dict[int, str]:
-    """Track id → SHA1 recorded at download, where the metadata has one (data.source: folder)."""
-    tracks = meta.read(meta_dir, "finetune")["tracks"] + meta.read(meta_dir, "pretrain")["tracks"]
-    return {int(t["track_id"]): t["sha1"] for t in tracks if "sha1" in t}
+        if "sha1" in track:
+            sha1s[int(track["track_id"])] = track["sha1"]
+    return dict(sorted(paths.items())), sha1s
 
 
 def shard_name(shard: int) -> str:
@@ -309,7 +307,7 @@ def run(
         )
     shards = [shard] if shard is not None else ([] if gather_only else range(features["n_shards"]))
     if shards:
-        tracks, sha1s = tracks_to_featurize(Path(meta_dir)), indexed_sha1s(Path(meta_dir))
+        tracks, sha1s = tracks_to_featurize(Path(meta_dir))
         for k in shards:
             doc = featurize_shard(tracks, k, features, Path(out_dir), n_workers, sha1s)
             log.info(

@@ -66,10 +66,11 @@ def labelled_files(cfg: dict[str, Any], root: Path) -> pd.DataFrame:
                 f"{root}: no class subfolders; set data.folder.path to a folder "
                 "with one subfolder per class, or give data.folder.labels_csv"
             )
-        empty = [d.name for d in classes if not audio_under(d)]
+        files = {d.name: audio_under(d) for d in classes}
+        empty = [name for name, found in files.items() if not found]
         if empty:
             raise BadInput(f"{root}: class folder(s) without audio files: {', '.join(empty)}")
-        rows = [(p.as_posix(), d.name) for d in classes for p in audio_under(d)]
+        rows = [(p.as_posix(), name) for name, found in files.items() for p in found]
         table = pd.DataFrame(rows, columns=["path", "label"])
     if "split" not in table:
         table["split"] = ""

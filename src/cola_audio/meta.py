@@ -18,8 +18,6 @@ from cola_audio import fsutil
 from cola_audio.errors import BadInput
 from cola_audio.params import load_schema
 
-NAMES = ("labels", "finetune", "pretrain")
-
 
 @cache
 def _validator(name: str) -> jsonschema.protocols.Validator:

@@ -338,7 +338,6 @@ def run(
         ),
         "provenance": provenance(params, Path(features), Path(models)),
         "padded": int((pd.read_csv(Path(features) / "index.csv")["frames"] < crop).sum()),
-        "crop_frames": crop,
     }
     markdown = render_markdown(table, context)
     fsutil.write_text(out_dir / "report.md", markdown)

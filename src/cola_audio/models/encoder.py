@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from efficientnet_pytorch import EfficientNet
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from cola_audio import fsutil
 from cola_audio.errors import BadInput, InputError, MissingInput
@@ -109,33 +111,32 @@ def save_encoder(
         save_file(state, str(tmp), metadata=metadata)
 
 
-def encoder_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata save_encoder wrote (empty for a file without any)."""
-    path = Path(path)
+@contextlib.contextmanager
+def _open_encoder(path: Path) -> Iterator[Any]:
+    """safetensors' reader on a saved encoder; a missing or damaged file is named with the fix."""
     if not path.is_file():
-        raise MissingInput(f"{path}: no encoder here; run `cola pretrain` or `dvc pull`")
+        raise MissingInput(f"{path}: no pretrained encoder; run `cola pretrain` or `dvc pull`")
     try:
         with safe_open(str(path), framework="pt") as fh:
-            return dict(fh.metadata() or {})
+            yield fh
     except SafetensorError as exc:
         raise BadInput(
             f"{path}: not a readable safetensors file ({exc}); it is truncated or damaged. "
             "Rerun `cola pretrain` or `dvc pull` to restore it"
         ) from exc
+
+
+def encoder_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata save_encoder wrote (empty for a file without any)."""
+    with _open_encoder(Path(path)) as fh:
+        return dict(fh.metadata() or {})
 
 
 def load_encoder_weights(encoder: Encoder, path: str | Path) -> None:
     """Strict load: any missing or unexpected key is an error naming the keys."""
     path = Path(path)
-    if not path.is_file():
-        raise MissingInput(f"{path}: no pretrained encoder; run `cola pretrain` or `dvc pull`")
-    try:
-        state = load_file(str(path))
-    except SafetensorError as exc:
-        raise BadInput(
-            f"{path}: not a readable safetensors file ({exc}); it is truncated or damaged. "
-            "Rerun `cola pretrain` or `dvc pull` to restore it"
-        ) from exc
+    with _open_encoder(path) as fh:
+        state = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 (a reader, not a dict)
     expected = encoder.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
