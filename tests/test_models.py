@@ -1,5 +1,7 @@
 """Encoder, COLA head and loss, classifier: shapes, hand computations, strict and safe loading."""
 
+import json
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from cola_audio.models.encoder import (
     EMBED_DIM,
     Encoder,
     StateDictMismatch,
+    encoder_metadata,
     load_encoder_weights,
     save_encoder,
     standardize_crops,
@@ -94,6 +97,25 @@ def test_strict_loading_names_missing_and_unexpected_keys(tmp_path):
         load_encoder_weights(Encoder(), tmp_path / "bad.safetensors")
     assert "missing keys [net._conv_stem.weight]" in str(info.value)
     assert "unexpected keys [net.extra.weight]" in str(info.value)
+
+
+def test_saving_one_encoder_twice_gives_the_same_bytes(tmp_path):
+    """safetensors writes its metadata map in hash order; unsorted, five saves of one encoder
+    were (almost surely) several different files to DVC."""
+    torch.manual_seed(0)
+    enc = Encoder()
+    frontend = {"n_mels": 64, "sample_rate": 16000, "fmin_hz": 60.0}
+    blobs = set()
+    for k in range(5):
+        save_encoder(enc, tmp_path / f"{k}.safetensors", frontend=frontend, crop_frames=98)
+        blobs.add((tmp_path / f"{k}.safetensors").read_bytes())
+    assert len(blobs) == 1
+    meta = encoder_metadata(tmp_path / "0.safetensors")
+    assert json.loads(meta["frontend"]) == frontend and meta["crop_frames"] == "98"
+    restored = Encoder()
+    load_encoder_weights(restored, tmp_path / "0.safetensors")
+    saved, loaded = enc.state_dict(), restored.state_dict()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
 
 
 def test_loading_a_seed_style_encoder_with_other_keys_fails(tmp_path):

@@ -135,6 +135,10 @@ class _SecondValidationIsWorse(pl.Callback):
         if trainer.current_epoch == 1:
             trainer.callback_metrics["val_acc"] = torch.tensor(-1.0)
 
+    # ModelCheckpoint saves at validation end or at train epoch end (Lightning decides from the
+    # validation schedule); checkpoint callbacks run after this one, so both see the low score.
+    on_train_epoch_end = on_validation_epoch_end
+
     def on_validation_end(self, trainer, module):
         self.states[f"validated-{trainer.current_epoch}"] = _weights(module)
 
@@ -183,37 +187,79 @@ class _FirstStep(pl.Callback):
             self.first = trainer.global_step
 
 
-def test_pretraining_resumes_from_the_saved_step(tiny_data, tmp_path):
-    p = json.loads(json.dumps(tiny_data["params"]))
-    p["pretrain"].update(max_steps=5, max_epochs=50)
-    kw = {"features": tiny_data["features"], "meta_dir": tiny_data["meta"], "out_dir": tmp_path}
+def _kill_in_second_epoch(run, steps_per_epoch):
+    """Run until one step into the second epoch and die there, as a SIGKILL would (nothing is
+    saved on the way down); return the step the surviving last.ckpt holds."""
     with pytest.raises(RuntimeError, match="simulated kill"):
-        pretrain.run(p, callbacks=[_DieAt(3)], **kw)
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+        run([_DieAt(steps_per_epoch + 1)])
+
+
+def test_a_killed_pretraining_resumes_to_the_same_encoder_as_an_uninterrupted_one(
+    tiny_data, tmp_path
+):
+    """Issue 8.5: the resumed run restarts at the last epoch boundary and, with every random
+    stream seeded by the epoch number, ends bit-identical to the run that was never killed."""
+    p = json.loads(json.dumps(tiny_data["params"]))
+    p["pretrain"].update(max_steps=-1, max_epochs=3, batch_size=4)
+    kw = {"features": tiny_data["features"], "meta_dir": tiny_data["meta"]}
+    whole = pretrain.run(p, out_dir=tmp_path / "whole", **kw)
+    per_epoch = whole["steps"] // 3
+    assert per_epoch >= 2  # the kill below lands inside an epoch
+
+    _kill_in_second_epoch(
+        lambda cbs: pretrain.run(p, out_dir=tmp_path / "killed", callbacks=cbs, **kw), per_epoch
+    )
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == per_epoch
     first = _FirstStep()
-    summary = pretrain.run(p, callbacks=[first], **kw)
-    assert first.first == 3
-    assert summary["steps"] == 5 and summary["resumed_from"].endswith("last.ckpt")
-    assert (tmp_path / "encoder.safetensors").is_file()
-    curve = (tmp_path / "curve.csv").read_text().splitlines()
-    assert curve[0].startswith("step,train_loss_step,train_acc_step,global_batch")
-    steps = [int(row.split(",")[0]) for row in curve[1:]]
-    assert min(steps) < 3 <= max(steps)  # the curve spans the kill: logs before it are kept
-    assert not (tmp_path / "checkpoints").exists()
+    resumed = pretrain.run(p, out_dir=tmp_path / "killed", callbacks=[first], **kw)
+    assert first.first == per_epoch and resumed["resumed_from"].endswith("last.ckpt")
+    encoder = "encoder.safetensors"
+    assert (tmp_path / "killed" / encoder).read_bytes() == (
+        tmp_path / "whole" / encoder
+    ).read_bytes()
+    assert (tmp_path / "killed" / "curve.csv").read_text() == (
+        tmp_path / "whole" / "curve.csv"
+    ).read_text()  # the curve spans the kill: rows logged before it are kept, none twice
+    assert not (tmp_path / "killed" / "checkpoints").exists()
     # A finished run is never resumed: the same params train every step again.
     again = _FirstStep()
-    assert pretrain.run(p, callbacks=[again], **kw)["resumed_from"] is None
+    assert (
+        pretrain.run(p, out_dir=tmp_path / "killed", callbacks=[again], **kw)["resumed_from"]
+        is None
+    )
     assert again.first == 0
 
 
-def test_an_interrupted_finetune_resumes_where_it_stopped(tiny_data, tmp_path):
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        _finetune(tiny_data, tmp_path, "scratch-finetune", callbacks=[_DieAt(4)], max_epochs=2)
+def test_a_killed_finetune_resumes_to_the_same_metrics_as_an_uninterrupted_one(tiny_data, tmp_path):
+    whole_state, resumed_state = _FinalState(), _FinalState()
+    whole = _finetune(
+        tiny_data, tmp_path / "whole", "scratch-finetune", callbacks=[whole_state], max_epochs=3
+    )
+    whole_state = dict(whole_state.state)
+    per_epoch = whole["steps"] // 3
+    _kill_in_second_epoch(
+        lambda cbs: _finetune(
+            tiny_data, tmp_path / "killed", "scratch-finetune", callbacks=cbs, max_epochs=3
+        ),
+        per_epoch,
+    )
     first = _FirstStep()
-    metrics = _finetune(tiny_data, tmp_path, "scratch-finetune", callbacks=[first], max_epochs=2)
-    assert first.first == 4 and metrics["steps"] > 4
-    assert (tmp_path / "scratch-finetune" / "seed-0" / "metrics.json").is_file()
+    resumed = _finetune(
+        tiny_data,
+        tmp_path / "killed",
+        "scratch-finetune",
+        callbacks=[first, resumed_state],
+        max_epochs=3,
+    )
+    assert first.first == per_epoch
+    assert resumed == whole
+    assert all(torch.equal(whole_state[k], resumed_state.state[k]) for k in whole_state)
+    run = Path("scratch-finetune") / "seed-0"
+    for name in ("predictions.csv", "curve.csv"):
+        assert (tmp_path / "killed" / run / name).read_bytes() == (
+            tmp_path / "whole" / run / name
+        ).read_bytes(), name
 
 
 def test_a_copied_checkout_resumes_with_its_own_checkpoints(tiny_data, tmp_path):
@@ -229,19 +275,20 @@ def test_a_copied_checkout_resumes_with_its_own_checkpoints(tiny_data, tmp_path)
     shutil.rmtree(first_checkout)
     resumed = _FirstStep()
     metrics = _finetune(tiny_data, copy, "scratch-finetune", callbacks=[resumed], max_epochs=2)
-    assert resumed.first == 4 and metrics["steps"] > 4
+    assert 0 < resumed.first < metrics["steps"]  # resumed at the end of the first epoch
     assert not first_checkout.exists()  # nothing was written back to the original place
 
 
 @pytest.mark.parametrize(
-    "edit", [{"seed": 1}, {"batch_size": 4}, {"max_steps": 6}, {"precise_bn_batches": 1}]
+    "edit", [{"seed": 1}, {"batch_size": 2}, {"max_steps": 6}, {"precise_bn_batches": 1}]
 )
 def test_an_interrupted_run_is_not_resumed_after_a_param_edit(tiny_data, tmp_path, edit, caplog):
     p = json.loads(json.dumps(tiny_data["params"]))
-    p["pretrain"].update(max_steps=5, max_epochs=50)
+    p["pretrain"].update(max_steps=16, max_epochs=50, batch_size=4)  # 13 steps an epoch
     kw = {"features": tiny_data["features"], "meta_dir": tiny_data["meta"], "out_dir": tmp_path}
     with pytest.raises(RuntimeError, match="simulated kill"):
-        pretrain.run(p, callbacks=[_DieAt(2)], **kw)
+        pretrain.run(p, callbacks=[_DieAt(14)], **kw)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()  # a resume point exists
     p["pretrain"].update(edit)
     first = _FirstStep()
     summary = pretrain.run(p, callbacks=[first], **kw)

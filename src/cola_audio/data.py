@@ -1,19 +1,23 @@
 """Datasets and LightningDataModules over the memory-mapped feature store.
 
 A crop is a slice of a memory map: no whole-clip reads, no per-frame Python loops. Randomness comes
-from torch's generator, which Lightning seeds per worker: two runs with one seed see the same crops.
+from torch's generators, seeded per epoch (`epoch_seed`) and per worker: two runs with one seed see
+the same crops, and so does a run resumed at an epoch boundary.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from cola_audio import meta
 from cola_audio.errors import BadInput
@@ -22,13 +26,33 @@ from cola_audio.store import FeatureStore
 log = logging.getLogger(__name__)
 
 
-def random_starts(frames: np.ndarray, crop: int) -> np.ndarray:
-    """One uniform start per clip in [0, frames - crop], from torch's seeded generator."""
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Pure: the seed of one epoch's random streams (crops, order, dropout), from the run's seed."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def random_starts(
+    frames: np.ndarray, crop: int, generator: torch.Generator | None = None
+) -> np.ndarray:
+    """One uniform start per clip in [0, frames - crop], from `generator` (torch's global one
+    when None)."""
     span = torch.from_numpy(np.maximum(frames - crop, 0) + 1)
-    return (torch.rand(len(frames), dtype=torch.float64) * span).long().numpy()
+    return (torch.rand(len(frames), dtype=torch.float64, generator=generator) * span).long().numpy()
 
 
-class PretrainViews(Dataset):
+class RandomCrops(Dataset):
+    """A dataset drawing random crops from a generator of its own, which its loader seeds
+    (`_loader`): crops then depend on the epoch's seed only, not on what the model or an earlier
+    prefetch drew from torch's global generator (Lightning fetches the first batch of an epoch
+    before the epoch-start hooks run, so a resumed run saw other crops)."""
+
+    generator: torch.Generator | None = None
+
+    def starts(self, frames: np.ndarray) -> np.ndarray:
+        return random_starts(frames, self.crop, self.generator)
+
+
+class PretrainViews(RandomCrops):
     """Two independent random crops of one clip: anchor and positive."""
 
     def __init__(self, store: FeatureStore, track_ids: list[int], crop_frames: int) -> None:
@@ -40,12 +64,8 @@ class PretrainViews(Dataset):
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A whole batch in two vectorised reads (the DataLoader calls this when it exists)."""
         ids, lengths = self._ids[indices], self._lengths[indices]
-        anchors = torch.from_numpy(
-            self.store.crops(ids, random_starts(lengths, self.crop), self.crop)
-        )
-        positives = torch.from_numpy(
-            self.store.crops(ids, random_starts(lengths, self.crop), self.crop)
-        )
+        anchors = torch.from_numpy(self.store.crops(ids, self.starts(lengths), self.crop))
+        positives = torch.from_numpy(self.store.crops(ids, self.starts(lengths), self.crop))
         return list(zip(anchors, positives, strict=True))
 
     def __len__(self) -> int:
@@ -55,7 +75,7 @@ class PretrainViews(Dataset):
         return self.__getitems__([i])[0]
 
 
-class LabelledCrops(Dataset):
+class LabelledCrops(RandomCrops):
     """One random crop per clip and its label (training)."""
 
     def __init__(self, store: FeatureStore, tracks: list[dict[str, Any]], crop_frames: int) -> None:
@@ -66,9 +86,7 @@ class LabelledCrops(Dataset):
         self._lengths = np.asarray(self.lengths)
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
-        crops = self.store.crops(
-            self._ids[indices], random_starts(self._lengths[indices], self.crop), self.crop
-        )
+        crops = self.store.crops(self._ids[indices], self.starts(self._lengths[indices]), self.crop)
         return [(torch.from_numpy(c), self._labels[i]) for c, i in zip(crops, indices, strict=True)]
 
     def __len__(self) -> int:
@@ -121,6 +139,25 @@ def collate_clips(batch: list[tuple[torch.Tensor, int, int]]) -> dict[str, torch
     return {"windows": windows, "clip": clip, "labels": labels, "track_ids": track_ids}
 
 
+class SeededPermutation(Sampler[int]):
+    """One permutation of range(n), the same every time it is iterated.
+
+    Lightning makes a second iterator for every epoch after the first, but not for the epoch a
+    resumed run starts with; a sampler drawing from a shared generator then gave the resumed run
+    another order than the uninterrupted one.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed))
+        return iter(order.tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
 def _loader(
     dataset: Dataset,
     batch_size: int,
@@ -130,16 +167,31 @@ def _loader(
     drop_last: bool = False,
     collate_fn: Any = None,
 ) -> DataLoader:
+    """A loader whose order and crops are a function of `seed` alone, however often it is
+    iterated: the order from `SeededPermutation`, the crops from a copy of the dataset with a
+    generator of its own, seeded afresh in each worker (or, without workers, per loader)."""
+    if isinstance(dataset, RandomCrops):
+        dataset = copy.copy(dataset)  # another loader of the same data keeps its own stream
+        dataset.generator = torch.Generator().manual_seed(seed + 1)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=SeededPermutation(len(dataset), seed) if shuffle else None,  # type: ignore[arg-type]
         num_workers=num_workers,
         drop_last=drop_last,
         collate_fn=collate_fn,
+        worker_init_fn=functools.partial(_seed_worker_crops, seed),
+        # Each iterator draws a base seed; from torch's global generator that draw would shift
+        # the dropout masks by how many iterators Lightning made.
         generator=torch.Generator().manual_seed(seed),
-        persistent_workers=num_workers > 0,
     )
+
+
+def _seed_worker_crops(seed: int, worker_id: int) -> None:
+    info = get_worker_info()
+    if info is not None and isinstance(info.dataset, RandomCrops):
+        worker_seed = np.random.SeedSequence([seed, worker_id]).generate_state(1)[0]
+        info.dataset.generator = torch.Generator().manual_seed(int(worker_seed))
 
 
 class StoreData(pl.LightningDataModule):
@@ -158,6 +210,12 @@ class StoreData(pl.LightningDataModule):
         self.features, self.meta_dir = Path(features), Path(meta_dir)
         self.crop_frames, self.batch_size = crop_frames, batch_size
         self.num_workers, self.seed = num_workers, seed
+
+    def epoch_seed(self) -> int:
+        """The train loader's seed: a function of the epoch about to run, so an epoch's order and
+        worker streams are the same whether the run was resumed or not (training.EpochSeeds)."""
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        return epoch_seed(self.seed, epoch)
 
 
 class PretrainData(StoreData):
@@ -186,7 +244,9 @@ class PretrainData(StoreData):
         assert self.dataset is not None
         # drop_last: every step has the same number of negatives, so accuracy is comparable.
         batch = min(self.batch_size, len(self.dataset))
-        return _loader(self.dataset, batch, True, self.num_workers, self.seed, drop_last=True)
+        return _loader(
+            self.dataset, batch, True, self.num_workers, self.epoch_seed(), drop_last=True
+        )
 
 
 class GenreData(StoreData):
@@ -222,7 +282,7 @@ class GenreData(StoreData):
     def train_dataloader(self) -> DataLoader:
         assert self.store is not None
         data = LabelledCrops(self.store, self.splits["train"], self.crop_frames)
-        return _loader(data, self.batch_size, True, self.num_workers, self.seed)
+        return _loader(data, self.batch_size, True, self.num_workers, self.epoch_seed())
 
     def _eval_loader(self, split: str) -> DataLoader:
         assert self.store is not None

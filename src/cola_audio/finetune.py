@@ -114,6 +114,7 @@ def _run(
     trainer = training.make_trainer(
         cfg,
         out,
+        seed,
         [*checkpoints, *(callbacks or [])],
         **{"check_val_every_n_epoch": cfg["val_every_n_epochs"], **trainer_overrides},
     )

@@ -66,7 +66,7 @@ def _run(
     training.prepare_logs(out_dir, resume)
     _, checkpoints = training.checkpoint_callbacks(out_dir, "train_loss_epoch", "min")
     trainer = training.make_trainer(
-        cfg, out_dir, [*checkpoints, *(callbacks or [])], **trainer_overrides
+        cfg, out_dir, cfg["seed"], [*checkpoints, *(callbacks or [])], **trainer_overrides
     )
     start = time.perf_counter()
     trainer.fit(model, data, ckpt_path=resume, weights_only=True)

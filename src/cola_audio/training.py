@@ -23,6 +23,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 from cola_audio import fsutil
+from cola_audio.data import epoch_seed
 from cola_audio.errors import InputError, MissingInput
 
 log = logging.getLogger(__name__)
@@ -181,10 +182,14 @@ def finish(out_dir: Path) -> None:
 
 
 def make_trainer(
-    section: dict[str, Any], out_dir: Path, callbacks: list[pl.Callback], **overrides: Any
+    section: dict[str, Any],
+    out_dir: Path,
+    seed: int,
+    callbacks: list[pl.Callback],
+    **overrides: Any,
 ) -> pl.Trainer:
     cfg = section["trainer"]
-    callbacks = [*callbacks, PreciseBatchNorm(section["precise_bn_batches"])]
+    callbacks = [*callbacks, EpochSeeds(seed), PreciseBatchNorm(section["precise_bn_batches"])]
     accelerator = "gpu" if cfg["accelerator"] == "cuda" else cfg["accelerator"]
     on_gpu = uses_gpu(cfg)
     kwargs: dict[str, Any] = {
@@ -201,6 +206,7 @@ def make_trainer(
         "enable_progress_bar": True,
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,
+        "reload_dataloaders_every_n_epochs": 1,  # each epoch's loader seeded by its number
     }
     kwargs.update(overrides)
     return pl.Trainer(**kwargs)
@@ -209,10 +215,14 @@ def make_trainer(
 def checkpoint_callbacks(
     out_dir: Path, monitor: str, mode: str
 ) -> tuple[ModelCheckpoint, list[pl.Callback]]:
-    """best.ckpt by `monitor`; last.ckpt every epoch and on a crash (the resume point).
+    """best.ckpt by `monitor`; last.ckpt at the end of every epoch, the only resume point.
 
-    Lightning 2.6's save_last only refreshes last.ckpt when a top-k checkpoint was saved, which
-    would leave a stale resume point, so last.ckpt has a callback of its own.
+    A resume starts at an epoch boundary, where `EpochSeeds` makes the rest of the run a function
+    of the epoch alone: a killed run ends bit-identical to an uninterrupted one. No checkpoint is
+    saved on a crash, because a mid-epoch state cannot be continued exactly (the loader's position
+    and random stream are not in it). Lightning 2.6's save_last only refreshes last.ckpt when a
+    top-k checkpoint was saved, which would leave a stale resume point, so last.ckpt has a
+    callback of its own.
     """
     folder = str(Path(out_dir) / "checkpoints")
     best = ModelCheckpoint(
@@ -229,28 +239,27 @@ def checkpoint_callbacks(
         monitor=None,
         save_top_k=1,
         every_n_epochs=1,
+        save_on_train_epoch_end=True,
         enable_version_counter=False,
     )
-    return best, [best, last, LastOnException(out_dir)]
+    return best, [best, last]
 
 
-class LastOnException(pl.Callback):
-    """Save last.ckpt when training dies (Lightning's OnExceptionCheckpoint deletes its file at
-    teardown, so it cannot serve as the resume point)."""
+class EpochSeeds(pl.Callback):
+    """Reseed every random stream at the start of each epoch from (run seed, epoch).
 
-    def __init__(self, out_dir: Path) -> None:
-        self.path = Path(out_dir) / "checkpoints" / "last.ckpt"
+    Together with a train loader built afresh each epoch from the same seed (`StoreData`), an
+    epoch's batches, crops and dropout masks depend on the epoch number only, never on how many
+    draws came before: a run resumed from the end of epoch k replays epoch k+1 exactly as an
+    uninterrupted run does.
+    """
 
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
-        if trainer.global_step > 0:
-            trainer.save_checkpoint(self.path)
-            log.warning(
-                "training interrupted at step %d; saved %s to resume from",
-                trainer.global_step,
-                self.path,
-            )
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        seed = epoch_seed(self.seed, trainer.current_epoch)
+        pl.seed_everything(seed, workers=True, verbose=False)
 
 
 class PreciseBatchNorm(pl.Callback):

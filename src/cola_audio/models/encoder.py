@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from efficientnet_pytorch import EfficientNet
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from cola_audio import fsutil
 from cola_audio.errors import BadInput, InputError, MissingInput
@@ -108,7 +108,23 @@ def save_encoder(
     if crop_frames is not None:
         metadata["crop_frames"] = str(crop_frames)
     with fsutil.atomic_path(path, suffix=".safetensors") as tmp:
-        save_file(state, str(tmp), metadata=metadata)
+        Path(tmp).write_bytes(sorted_metadata(save(state, metadata=metadata)))
+
+
+def sorted_metadata(blob: bytes) -> bytes:
+    """Pure: a safetensors file with its metadata map in sorted key order.
+
+    safetensors writes that map in hash order, different at every save (seen: three saves of one
+    state, three byte strings), so equal encoders were different files to DVC and to the report's
+    md5 table. The tensors and their offsets are untouched.
+    """
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header with spaces to 8 bytes
+    return len(text).to_bytes(8, "little") + text + blob[8 + size :]
 
 
 @contextlib.contextmanager
