@@ -161,18 +161,34 @@ def test_finetune_param_edit_reruns_only_finetuning_and_report(work):
     assert after["steps"] == before["steps"]
 
 
-def test_a_shard_lost_after_a_kill_is_rebuilt_identically(work):
+def test_after_dvc_repro_snakemake_has_nothing_to_do(work):
+    """Issue 8.3: Snakemake's next start adopts what `dvc repro` just verified (sync.py)."""
+    dry = sh("snakemake --cores 2 -n", work["repo"])
+    assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
+    assert "Snakemake adopts what DVC verified" in dry.stderr
+
+
+def test_a_shard_lost_after_a_kill_is_rebuilt_or_restored_identically(work):
     """A killed featurize job (then `--unlock`) can leave a shard missing while everything after
-    it looks up to date; Snakemake must rebuild it, not say "Nothing to be done"."""
+    it looks up to date. Snakemake alone must rebuild it, not say "Nothing to be done"; with
+    DVC beside it, the next start checks it out of DVC's cache instead of recomputing it."""
     repo = work["repo"]
     shard = repo / "data" / "features" / "shards" / "001.npy"
     before = shard.read_bytes()
     shard.unlink()
     assert "featurize_shard@001" in json.loads(sh("dvc status --json", repo).stdout)
-    dry = sh("snakemake --cores 2 -n", repo).stdout
+    alone = "COLA_DVC_SYNC=off snakemake --cores 2"
+    dry = sh(f"{alone} -n", repo).stdout
     assert re.search(r"rule featurize_shard:.*?wildcards: shard=001", dry, re.S), dry[-3000:]
-    sh("snakemake --cores 2 --until featurize_shard", repo)
+    sh(f"{alone} --until featurize_shard", repo)
     assert shard.read_bytes() == before
+
+    shard.unlink()
+    run = sh("snakemake --cores 2", repo)
+    assert "restored from DVC's cache, nothing retrained: featurize_shard@001" in run.stderr
+    assert "Nothing to be done" in run.stdout + run.stderr, run.stderr[-3000:]
+    assert shard.read_bytes() == before
+    assert json.loads(sh("dvc status --json", repo).stdout or "{}") == {}
 
 
 def test_featurize_param_edit_reruns_featurize_and_everything_after(work):
@@ -205,8 +221,7 @@ def test_push_clone_pull_retrains_nothing(work):
     assert json.loads(sh("dvc status --json", clone).stdout or "{}") == {}
     encoder = clone / "models" / "pretrain" / "encoder.safetensors"
     digest = encoder.read_bytes()
-    sh("cola adopt-dvc", clone)
-    dry = sh("snakemake --cores 2 -n", clone)
+    dry = sh("snakemake --cores 2 -n", clone)  # adopts what DVC verified, by itself
     assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
     sh("snakemake --cores 2", clone)
     assert encoder.read_bytes() == digest
@@ -218,6 +233,45 @@ def test_push_clone_pull_retrains_nothing(work):
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dry = sh("snakemake --cores 2 -n", clone).stdout
     assert "finetune_scratch" in dry and "rule pretrain:" not in dry
+
+
+def test_going_back_to_earlier_params_restores_instead_of_retraining_in_both_tools(work):
+    """Issue 8.3: DVC's cache holds the outputs of every params.yaml it has seen; going back to
+    one checks them out (DVC's run cache in `dvc repro`, `cola sync-dvc` at Snakemake's start)
+    instead of training again, whichever tool built them."""
+    repo = work["repo"]
+    metrics = sorted((repo / "models" / "finetune").glob("*/seed-*/metrics.json"))
+    committed = {p: p.read_bytes() for p in metrics}
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["finetune"]["lr"] = 2e-3
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert stages_run(sh("dvc repro", repo).stdout) == {*finetune_stages(params), "report"}
+    edited = {p: p.read_bytes() for p in metrics}
+    assert edited != committed
+
+    # `dvc exp show` stays readable: the report's gains, the edited param, the runs' folder.
+    shown = sh("dvc exp show --only-changed --csv", repo).stdout.splitlines()[0].split(",")
+    fixed = {"Experiment", "rev", "typ", "Created", "parent", "State", "Executor"}
+    gains = set(json.loads((repo / "reports" / "metrics.json").read_text()))
+    assert set(shown) - fixed <= gains | {"finetune.lr", "models/finetune"}, shown
+    table = sh("COLUMNS=120 dvc exp show --only-changed --no-pager", repo).stdout
+    assert max(len(line) for line in table.splitlines()) <= 120
+
+    sh("git checkout params.yaml", repo)  # Snakemake restores what `dvc repro` replaced
+    run = sh("snakemake --cores 2", repo)
+    assert "restored from DVC's cache" in run.stderr
+    assert "Nothing to be done" in run.stdout + run.stderr, run.stderr[-3000:]
+    assert {p: p.read_bytes() for p in metrics} == committed
+
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))  # DVC, both ways
+    assert stages_run(sh("dvc repro", repo).stdout) == set()
+    assert {p: p.read_bytes() for p in metrics} == edited
+    sh("git checkout params.yaml", repo)
+    assert stages_run(sh("dvc repro", repo).stdout) == set()
+    assert {p: p.read_bytes() for p in metrics} == committed
+    assert json.loads(sh("dvc status --json", repo).stdout or "{}") == {}
+    dry = sh("snakemake --cores 2 -n", repo)
+    assert "Nothing to be done" in dry.stdout + dry.stderr
 
 
 UPSTREAM_EDITS = {  # param → (stages declaring it, every rule downstream of them)

@@ -72,10 +72,10 @@ def _embed(args: argparse.Namespace, params: dict) -> None:
     embed.run(args.paths, args.out, args.encoder, args.windows, args.batch_size, args.device)
 
 
-def _adopt(args: argparse.Namespace, params: dict) -> None:
-    from cola_audio import adopt
+def _sync_dvc(args: argparse.Namespace, params: dict) -> None:
+    from cola_audio import sync
 
-    adopt.run(params, dry_run=args.dry_run)
+    sync.run()
 
 
 def _dvc_commit(args: argparse.Namespace, params: dict) -> None:
@@ -140,17 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_embed, needs_params=False)
 
     p = sub.add_parser(
-        "adopt-dvc",
-        help="after `dvc pull`: mark DVC-verified outputs up to date "
-        "for Snakemake, so nothing is retrained",
+        "sync-dvc",
+        help="restore from DVC's cache what it already built for these params, and let Snakemake "
+        "trust what DVC verified (the Snakefile runs it at every start when DVC's state changed)",
     )
-    p.add_argument("--dry-run", action="store_true", help="only list what would be adopted")
-    p.set_defaults(func=_adopt)
+    p.set_defaults(func=_sync_dvc)
 
     p = sub.add_parser(
         "dvc-commit",
         help="`dvc commit` that keeps output mtimes, so Snakemake "
-        "does not rebuild afterwards (run by the Snakefile on success)",
+        "does not rebuild afterwards (run by the Snakefile after every run)",
     )
     p.set_defaults(func=_dvc_commit)
     return parser

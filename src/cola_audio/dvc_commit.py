@@ -19,6 +19,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from cola_audio import sync
+
 log = logging.getLogger(__name__)
 
 
@@ -59,22 +61,28 @@ def vouched_stages(stage_outs: dict[str, list[str]], up_to_date: set[str]) -> li
 
 
 def run(repo: Path = Path(".")) -> int:
-    from cola_audio.adopt import dvc_stage_outs
-
-    stage_outs = dvc_stage_outs(repo, persist=True)
+    """Commit the stages Snakemake vouches for, then stamp the state for `cola sync-dvc` (both
+    tools now agree on it: the next Snakemake start has nothing to take in from DVC)."""
+    stage_outs = sync.stage_outs(repo)
     summary = subprocess.run(
         ["snakemake", "--summary", "--nolock", "--cores", "1"],
         cwd=repo,
         capture_output=True,
         text=True,
         check=True,
+        env=sync.NESTED,
     ).stdout
     stages = vouched_stages(stage_outs, up_to_date_outputs(summary))
     skipped = sorted(set(stage_outs) - set(stages))
     if skipped:
         log.info("not committed (Snakemake plans an update or has not built them): %s", skipped)
-    if not stages:
-        return 0
+    if stages:
+        commit(repo, stages, stage_outs)
+    sync.write_stamp(repo, [o for outs in stage_outs.values() for o in outs])
+    return len(stages)
+
+
+def commit(repo: Path, stages: list[str], stage_outs: dict[str, list[str]]) -> None:
     outs = sorted({Path(repo) / o for s in stages for o in stage_outs[s]})
     times = snapshot(outs)
     try:
@@ -82,4 +90,3 @@ def run(repo: Path = Path(".")) -> int:
     finally:  # even a failed commit may have relinked outputs from the cache
         restore(times)
     log.info("dvc.lock updated for %d stages; %d output mtimes kept", len(stages), len(times))
-    return len(stages)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import subprocess
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,20 @@ def comparisons_table(
             {"a": a, "b": b, **diff, "verdict": stats.verdict(diff["ci_low"], diff["ci_high"])}
         )
     return rows
+
+
+def headline_metrics(diffs: list[dict[str, Any]]) -> dict[str, float]:
+    """Pure: what DVC compares across experiments (`dvc metrics show`, `dvc exp show`): each
+    comparison's gain in accuracy points, keyed "<a> gain" ("<a> gain over <b>" where a run is
+    compared twice). Per-run and per-seed numbers stay in results.json and each run's
+    metrics.json: as DVC metrics they made `dvc exp show` 189 columns wide."""
+    counts = Counter(d["a"] for d in diffs)
+    return {
+        (f"{d['a']} gain" if counts[d["a"]] == 1 else f"{d['a']} gain over {d['b']}"): round(
+            100 * d["difference"], 2
+        )
+        for d in diffs
+    }
 
 
 def plot_results(
@@ -351,6 +366,7 @@ def run(
             "provenance": context["provenance"],
         },
     )
+    fsutil.write_json(out_dir / "metrics.json", headline_metrics(diffs))
     log.info("report written to %s", out_dir / "report.html")
     return markdown
 

@@ -7,6 +7,7 @@ from snakemake.exceptions import WorkflowError
 
 from snakemake.utils import validate
 
+from cola_audio.sync import at_snakemake_start as sync_with_dvc
 from cola_audio.params import (
     data_params,
     declared_params,
@@ -16,6 +17,11 @@ from cola_audio.params import (
 )
 
 validate(config, schema="../schemas/params.schema.yaml")
+
+if workflow.is_main_process:
+    # Take in what DVC did since the last run (restore from its cache, adopt what it verified)
+    # before Snakemake plans; milliseconds when nothing changed (src/cola_audio/sync.py).
+    sync_with_dvc()
 
 SRC = "src/cola_audio"
 SHARDS = [f"{k:03d}" for k in range(config["features"]["n_shards"])]
@@ -144,5 +150,11 @@ def get_final_output():
 
 onsuccess:
     # Record what Snakemake built in dvc.lock, so `dvc status` is clean and `dvc push` shares it.
+    if Path(".dvc").is_dir():
+        shell("cola dvc-commit")
+
+
+onerror:
+    # The jobs that did finish are recorded too (only stages Snakemake holds up to date).
     if Path(".dvc").is_dir():
         shell("cola dvc-commit")

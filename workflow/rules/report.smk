@@ -19,6 +19,7 @@ rule report:
             "reports/report.html", caption="../report/report.rst", category="Results"
         ),
         "reports/results.json",
+        "reports/metrics.json",
         report(
             directory("reports/figures"),
             patterns=["{name}.png"],

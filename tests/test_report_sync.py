@@ -1,4 +1,4 @@
-"""Pure pieces of the report and of `cola adopt-dvc`."""
+"""Pure pieces of the report and of the DVC/Snakemake sync (`cola sync-dvc`, `cola dvc-commit`)."""
 
 import base64
 from html.parser import HTMLParser
@@ -6,7 +6,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from cola_audio import adopt, report, stats
+from cola_audio import report, stats, sync
 
 
 def test_classification_metrics_by_hand():
@@ -132,10 +132,10 @@ def test_adoptable_takes_only_rules_whose_every_stage_is_up_to_date():
         "finetune_pretrained@b": ["fb"],
         "report": ["r"],
     }
-    rules, files = adopt.adoptable(outs, {"finetune_pretrained@b", "report"})
+    rules, files = sync.adoptable(outs, {"finetune_pretrained@b", "report"})
     assert rules == ["featurize_shard", "pretrain"]
     assert files == ["enc", "s0", "s1"]
-    assert adopt.adoptable(outs, set()) == (
+    assert sync.adoptable(outs, set()) == (
         sorted({"featurize_shard", "pretrain", "finetune_pretrained", "report"}),
         sorted(["s0", "s1", "enc", "fa", "fb", "r"]),
     )
@@ -160,3 +160,47 @@ def test_dvc_commit_takes_only_stages_snakemake_holds_up_to_date():
         "empty": [],
     }
     assert dvc_commit.vouched_stages(stages, fresh) == ["prepare"]
+
+
+def test_headline_metrics_are_few_short_keys_in_points():
+    diffs = [
+        {"a": "pretrained-finetune", "b": "scratch-finetune", "difference": 0.0801},
+        {"a": "pretrained-linear", "b": "random-linear", "difference": 0.2436},
+        {"a": "pretrained-linear", "b": "scratch-finetune", "difference": -0.129},
+    ]
+    assert report.headline_metrics(diffs) == {
+        "pretrained-finetune gain": 8.01,
+        "pretrained-linear gain over random-linear": 24.36,
+        "pretrained-linear gain over scratch-finetune": -12.9,
+    }
+
+
+@pytest.mark.parametrize(
+    ("status", "ok"),
+    [
+        ([{"changed deps": {"params.yaml": {"finetune.lr": 0.002}}}], True),
+        ([{"changed deps": {"x": "modified"}}, {"changed outs": {"m.json": "deleted"}}], True),
+        ([{"changed outs": {"m.json": "modified"}}], False),  # unsaved work: never overwritten
+        ([{"changed outs": {"a": "deleted", "b": "not in cache"}}], False),
+        (["changed checksum", {"changed deps": {"x": "modified"}}], True),
+    ],
+)
+def test_only_stages_whose_outputs_are_missing_or_unmodified_are_restored(status, ok):
+    assert sync.restorable(status) is ok
+
+
+def test_the_sync_runs_when_dvc_state_or_the_plan_changed_and_adopts_only_for_state(tmp_path):
+    for name in ("dvc.yaml", "dvc.lock", "params.yaml"):
+        (tmp_path / name).write_text(name)
+    (tmp_path / "out.npy").write_bytes(b"1")
+    assert sync.needed(tmp_path) == "first"
+    sync.write_stamp(tmp_path, ["out.npy", "gone.csv"])
+    assert sync.needed(tmp_path) is None
+    (tmp_path / "params.yaml").write_text("edited")
+    assert sync.needed(tmp_path) == "plan"  # restore may apply; Snakemake's records are its own
+    sync.write_stamp(tmp_path, ["out.npy", "gone.csv"])
+    (tmp_path / "gone.csv").write_text("pulled")
+    assert sync.needed(tmp_path) == "state"  # e.g. `dvc pull`, `dvc checkout`
+    sync.write_stamp(tmp_path, ["out.npy", "gone.csv"])
+    (tmp_path / "dvc.lock").write_text("after dvc repro")
+    assert sync.needed(tmp_path) == "state"
