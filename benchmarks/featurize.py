@@ -85,7 +85,7 @@ def main() -> None:
             ours_1 = timed(lambda p: featurize.featurize_file(0, str(p), feats), clips)
             seed_1 = timed(seed_style, [(p, tmp / "seed") for p in clips])
         tracks = {i + 1: str(p) for i, p in enumerate(clips)}
-        one_shard = dict(feats, n_shards=1)
+        one_shard = dict(feats, shards=[0])
         start = time.perf_counter()
         featurize.featurize_shard(tracks, 0, one_shard, tmp / "store", workers=cores)
         ours_all = time.perf_counter() - start

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cola_audio import fsutil
 from cola_audio.data import PretrainViews
+from cola_audio.featurize import shard_paths
 from cola_audio.models.cola import ColaModule
 from cola_audio.store import FeatureStore
 
@@ -62,7 +63,7 @@ def write_store(root: Path, clips: int, frames: int = 2998, n_shards: int = 4) -
     for shard in range(n_shards):
         ids = [t for t in range(1, clips + 1) if t % n_shards == shard]
         np.save(
-            root / "shards" / f"{shard:03d}.npy",
+            shard_paths(root, shard)[0],
             rng.normal(-6, 2, (len(ids) * frames, 64)).astype(np.float16),
         )
         rows += [(t, shard, i * frames, frames) for i, t in enumerate(ids)]

@@ -28,6 +28,7 @@ def snakemake_stages(repo: Path) -> dict[str, Stage]:
     from snakemake.settings.types import DAGSettings, OutputSettings, ResourceSettings
 
     stages: dict[str, Stage] = {}
+    os.environ["COLA_DVC_SYNC"] = "off"  # reading the DAG must not sync the checkout with DVC
     with _cwd(repo), SnakemakeApi(OutputSettings(quiet={"all"})) as api:
         wf_api = api.workflow(
             resource_settings=ResourceSettings(cores=1),

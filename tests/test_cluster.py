@@ -93,7 +93,7 @@ def test_the_slurm_profile_runs_every_rule_as_a_slurm_job(built):
     assert all(state == "COMPLETED" for _, state in jobs), jobs
     params = yaml.safe_load((repo / "params.yaml").read_text())
     runs = sum(len(r) for r in params["finetune"]["runs"].values())
-    shards = params["features"]["n_shards"]
+    shards = len(params["features"]["shards"])
     expected = 5 + shards + runs * len(params["finetune"]["seeds"])
     assert len(jobs) == expected, jobs
     assert json.loads(sh("dvc status --json", repo).stdout or "{}") == {}

@@ -1,5 +1,6 @@
 """Snakefile and dvc.yaml describe one pipeline: same stages, commands, deps, outputs and params."""
 
+import os
 import re
 import subprocess
 
@@ -71,28 +72,63 @@ def test_every_stage_calls_only_the_cola_cli(both):
         assert stage["cmd"].startswith("cola --params params.yaml "), name
 
 
-def test_drift_is_detected(tmp_path, both):
-    """The comparison is not vacuous: a changed shard count shows up as a stage-set difference."""
+def _copy(dest):
     import shutil
-    import subprocess
 
-    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "init", "-q", str(dest)], check=True)
     for item in ["Snakefile", "workflow", "params.yaml", "dvc.yaml", "src", ".dvc"]:
         src = REPO / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / item)
-    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    params["features"]["n_shards"] = 3
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    smk = snakemake_stages(tmp_path)
-    dvc = dvc_stages(tmp_path)
-    assert "featurize_shard@003" in dvc and "featurize_shard@003" not in smk
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / item)
+    return dest
+
+
+def _edit_params(repo, edit):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    edit(params)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_a_shard_count_or_a_new_run_is_one_edit_both_tools_follow(tmp_path):
+    """Issue 10: features.shards and finetune.runs are lists both files iterate (dvc.yaml's
+    foreach/matrix over params), so one params.yaml edit changes both stage sets alike."""
+    repo = _copy(tmp_path)
+
+    def edit(params):
+        params["features"]["shards"] = [0, 1, 2]
+        params["finetune"]["runs"]["pretrained"]["pretrained-linear-2"] = "linear"
+
+    _edit_params(repo, edit)
+    smk, dvc = snakemake_stages(repo), dvc_stages(repo)
+    assert sorted(smk) == sorted(dvc)
+    assert {s for s in smk if s.startswith("featurize_shard@")} == {
+        f"featurize_shard@{k}" for k in range(3)
+    }
+    assert "finetune_pretrained@pretrained-linear-2-0" in dvc
+    for name in smk:
+        assert collapse_into_folders(smk[name]["deps"], dvc[name]["deps"]) == dvc[name]["deps"]
+        assert smk[name]["outs"] == dvc[name]["outs"]
+
+
+def test_drift_is_detected(tmp_path):
+    """The comparison is not vacuous: a param dropped from one dvc.yaml stage shows up."""
+    repo = _copy(tmp_path)
+    text = (repo / "dvc.yaml").read_text()
+    (repo / "dvc.yaml").write_text(text.replace("      - pretrain.temperature\n", "", 1))
+    smk, dvc = snakemake_stages(repo), dvc_stages(repo)
+    assert "pretrain.temperature" in smk["pretrain"]["params"]
+    assert "pretrain.temperature" not in dvc["pretrain"]["params"]
 
 
 def test_snakemake_lint_finds_nothing_but_the_accepted_conda_advice():
     """README accepts one lint per rule (the environment is the project itself, not a conda file
     per rule); any other lint fails here."""
     lint = subprocess.run(
-        ["snakemake", "--lint"], cwd=REPO, capture_output=True, text=True, timeout=120
+        ["snakemake", "--lint"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLA_DVC_SYNC": "off"},
     )
     out = lint.stdout + lint.stderr
     titles = re.findall(r"^\s+\* (.+?):$", out, re.M)

@@ -23,15 +23,27 @@ def _digest(folder: Path) -> dict[str, str]:
     }
 
 
+def test_gather_removes_shards_a_longer_shard_list_left_behind(tiny_data, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_data["features"], tmp_path / "f")
+    (tmp_path / "f" / "shards" / "4.npy").write_bytes(b"old")
+    (tmp_path / "f" / "shards" / "4.json").write_text("{}")
+    featurize.gather(tiny_data["params"]["features"], tmp_path / "f")
+    assert sorted(p.name for p in (tmp_path / "f" / "shards").iterdir()) == sorted(
+        f"{k}.{ext}" for k in tiny_data["params"]["features"]["shards"] for ext in ("npy", "json")
+    )
+
+
 def test_store_layout_and_index(tiny_data):
     features = tiny_data["features"]
     p = tiny_data["params"]["features"]
     index = pd.read_csv(features / "index.csv")
     assert list(index.columns) == ["track_id", "shard", "offset", "frames"]
-    assert (index["shard"] == index["track_id"] % p["n_shards"]).all()
+    assert (index["shard"] == index["track_id"] % len(p["shards"])).all()
     assert index["track_id"].is_monotonic_increasing
-    for shard in range(p["n_shards"]):
-        mm = np.load(features / "shards" / f"{shard:03d}.npy", mmap_mode="r")
+    for shard in p["shards"]:
+        mm = np.load(features / "shards" / f"{shard}.npy", mmap_mode="r")
         rows = index[index["shard"] == shard]
         assert mm.dtype == np.float16 and mm.shape == (rows["frames"].sum(), 64)
         assert (rows["offset"].diff().dropna() == rows["frames"].iloc[:-1].to_numpy()).all()
@@ -62,7 +74,7 @@ def test_store_crops_read_the_right_frames(tiny_data):
 
 def test_rerun_is_byte_identical(tiny_data, tmp_path):
     p = tiny_data["params"]
-    for shard in reversed(range(p["features"]["n_shards"])):  # any order, any worker count
+    for shard in reversed(p["features"]["shards"]):  # any order, any worker count
         featurize.run(
             p, shard=shard, meta_dir=tiny_data["meta"], out_dir=tmp_path, workers=1 + shard % 2
         )
@@ -147,7 +159,7 @@ def test_non_finite_samples_are_skipped_with_their_reason(tmp_path, default_para
 
 def test_threshold_fails_the_stage_naming_the_files(tmp_path, default_params):
     files = _write_faulty(tmp_path / "audio")
-    feats = dict(default_params["features"], n_shards=1, max_skipped_fraction=0.5)
+    feats = dict(default_params["features"], shards=[0], max_skipped_fraction=0.5)
     featurize.featurize_shard(files, 0, feats, tmp_path / "features", workers=1)
     with pytest.raises(featurize.TooManySkipped) as info:
         featurize.gather(feats, tmp_path / "features")
@@ -175,14 +187,14 @@ def test_a_killed_shard_never_looks_complete(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(featurize, "featurize_file", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         featurize.run(p, shard=0, workers=1, meta_dir=tiny_data["meta"], out_dir=out)
-    assert not (out / "shards" / "000.json").exists()
+    assert not (out / "shards" / "0.json").exists()
     assert not any(f.name.startswith(".") for f in (out / "shards").iterdir())
     with pytest.raises(FileNotFoundError, match="shard 0 is missing or incomplete"):
         featurize.gather(p["features"], out)
 
 
 def test_shard_out_of_range_is_refused(tiny_data):
-    with pytest.raises(ValueError, match="n_shards = 4 allows 0..3"):
+    with pytest.raises(ValueError, match=r"not one of features.shards = \[0, 1, 2, 3\]"):
         featurize.run(tiny_data["params"], shard=4)
 
 

@@ -16,7 +16,8 @@ def test_default_params_are_valid(default_params):
     ("path", "value", "expected"),
     [
         (("features", "n_mels"), "many", ["features.n_mels", "'many'", "not of type 'integer'"]),
-        (("features", "n_shards"), 0, ["features.n_shards", "0", "minimum"]),
+        (("features", "shards"), [], ["features.shards", "[]", "should be non-empty"]),
+        (("features", "shards"), [0, 2], ["features.shards", "ids 0..1 in order", "[0, 1]"]),
         (
             ("data", "finetune_subset"),
             "tiny",
@@ -25,7 +26,7 @@ def test_default_params_are_valid(default_params):
         (("pretrain", "similarity"), "dot", ["pretrain.similarity", "bilinear, cosine"]),
         (("pretrain", "trainer", "precision"), "64", ["pretrain.trainer.precision"]),
         (("features", "fmax_hz"), 9000.0, ["features.fmax_hz", "Nyquist"]),
-        (("features", "n_shards"), 4.0, ["features.n_shards", "4.0", "not of type 'integer'"]),
+        (("features", "shards"), [0, 1.0], ["features.shards.1", "1.0", "not of type 'integer'"]),
         (("features", "workers"), 2.0, ["features.workers", "not of type 'integer'"]),
         (("pretrain", "max_steps"), 0, ["pretrain.max_steps", "-1 lets max_epochs"]),
         (("finetune", "seeds"), [0, 0], ["finetune.seeds", "non-unique"]),
@@ -84,8 +85,8 @@ def test_snakemake_can_use_the_same_schema():
 
     config = yaml.safe_load((REPO / "params.yaml").read_text())
     validate(config, str(REPO / "workflow" / "schemas" / "params.schema.yaml"))
-    config["features"]["n_shards"] = "four"
-    with pytest.raises(Exception, match="n_shards|four"):
+    config["features"]["shards"] = "four"
+    with pytest.raises(Exception, match="shards|four"):
         validate(config, str(REPO / "workflow" / "schemas" / "params.schema.yaml"))
 
 

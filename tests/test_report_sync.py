@@ -123,22 +123,39 @@ def test_report_renders_to_markdown_and_a_self_contained_html_page(tmp_path):
     assert all(src.startswith("data:image/png;base64,") for src in tree.images)
 
 
-def test_adoptable_takes_only_rules_whose_every_stage_is_up_to_date():
+def test_adopted_are_up_to_date_stages_snakemake_would_redo_and_everything_after_them():
     outs = {
-        "featurize_shard@000": ["s0"],
-        "featurize_shard@001": ["s1"],
+        "download": ["raw"],
+        "featurize_shard@0": ["s0"],
+        "featurize_shard@1": ["s1"],
         "pretrain": ["enc"],
         "finetune_pretrained@a": ["fa"],
         "finetune_pretrained@b": ["fb"],
         "report": ["r"],
     }
-    rules, files = sync.adoptable(outs, {"finetune_pretrained@b", "report"})
-    assert rules == ["featurize_shard", "pretrain"]
-    assert files == ["enc", "s0", "s1"]
-    assert sync.adoptable(outs, set()) == (
-        sorted({"featurize_shard", "pretrain", "finetune_pretrained", "report"}),
-        sorted(["s0", "s1", "enc", "fa", "fb", "r"]),
-    )
+    after = {
+        "download": {"featurize_shard@0", "featurize_shard@1", "pretrain", "report"}
+        | {"finetune_pretrained@a", "finetune_pretrained@b"},
+        "featurize_shard@0": {"pretrain", "finetune_pretrained@a", "finetune_pretrained@b"}
+        | {"report"},
+        "pretrain": {"finetune_pretrained@a", "finetune_pretrained@b", "report"},
+        "finetune_pretrained@a": {"report"},
+        "finetune_pretrained@b": {"report"},
+    }
+    # After `dvc repro` of a fine-tuning edit: Snakemake would redo fine-tuning and the report.
+    assert sync.to_adopt(outs, after, set(), {"fa", "fb", "r"}, set()) == [
+        "finetune_pretrained@a",
+        "finetune_pretrained@b",
+        "report",
+    ]
+    # One run DVC could not restore: its up-to-date sibling is adopted, it and the report are not.
+    assert sync.to_adopt(
+        outs, after, {"finetune_pretrained@b", "report"}, {"fa", "fb", "r"}, set()
+    ) == ["finetune_pretrained@a"]
+    # A fresh clone after `dvc pull`: no metadata anywhere, so everything DVC holds is adopted.
+    assert sync.to_adopt(outs, after, set(), set(), {"download"}) == sorted(outs)
+    # Outputs Snakemake holds up to date are left alone (their mtimes too).
+    assert sync.to_adopt(outs, after, set(), set(), set()) == []
 
 
 def test_dvc_commit_takes_only_stages_snakemake_holds_up_to_date():
@@ -182,7 +199,8 @@ def test_headline_metrics_are_few_short_keys_in_points():
         ([{"changed deps": {"x": "modified"}}, {"changed outs": {"m.json": "deleted"}}], True),
         ([{"changed outs": {"m.json": "modified"}}], False),  # unsaved work: never overwritten
         ([{"changed outs": {"a": "deleted", "b": "not in cache"}}], False),
-        (["changed checksum", {"changed deps": {"x": "modified"}}], True),
+        (["changed command", {"changed deps": {"x": "modified"}}], True),
+        ([{"changed deps": {"data/raw": "deleted"}}], False),  # its inputs are not there
     ],
 )
 def test_only_stages_whose_outputs_are_missing_or_unmodified_are_restored(status, ok):
@@ -204,3 +222,24 @@ def test_the_sync_runs_when_dvc_state_or_the_plan_changed_and_adopts_only_for_st
     sync.write_stamp(tmp_path, ["out.npy", "gone.csv"])
     (tmp_path / "dvc.lock").write_text("after dvc repro")
     assert sync.needed(tmp_path) == "state"
+
+
+@pytest.mark.parametrize(("edit", "adopts"), [("params.yaml", False), ("dvc.lock", True)])
+def test_a_param_edit_alone_restores_but_leaves_snakemakes_records_alone(
+    tmp_path, monkeypatch, edit, adopts
+):
+    (tmp_path / ".dvc").mkdir()
+    for name in ("dvc.yaml", "dvc.lock", "params.yaml"):
+        (tmp_path / name).write_text(name)
+    sync.write_stamp(tmp_path, [])
+    calls = []
+    monkeypatch.setattr(sync, "run", lambda repo, adopt_rules: calls.append(adopt_rules))
+    monkeypatch.delenv("COLA_DVC_SYNC", raising=False)
+    sync.at_snakemake_start(tmp_path)
+    assert calls == []  # nothing changed: milliseconds, no DVC
+    (tmp_path / edit).write_text("edited")
+    sync.at_snakemake_start(tmp_path)
+    assert calls == [adopts]
+    monkeypatch.setenv("COLA_DVC_SYNC", "off")
+    sync.at_snakemake_start(tmp_path)
+    assert calls == [adopts]

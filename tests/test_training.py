@@ -231,34 +231,37 @@ def test_a_killed_pretraining_resumes_to_the_same_encoder_as_an_uninterrupted_on
     assert again.first == 0
 
 
-def test_a_killed_finetune_resumes_to_the_same_metrics_as_an_uninterrupted_one(tiny_data, tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_killed_finetune_resumes_to_the_same_metrics_as_an_uninterrupted_one(
+    tiny_data, tmp_path, workers
+):
+    """With a loader worker too: its crops come from a generator seeded per epoch and worker."""
     whole_state, resumed_state = _FinalState(), _FinalState()
-    whole = _finetune(
-        tiny_data, tmp_path / "whole", "scratch-finetune", callbacks=[whole_state], max_epochs=3
-    )
+
+    def run(folder, callbacks):
+        return _finetune(
+            tiny_data,
+            tmp_path / folder,
+            "scratch-finetune",
+            callbacks=callbacks,
+            max_epochs=3,
+            num_workers=workers,
+        )
+
+    whole = run("whole", [whole_state])
     whole_state = dict(whole_state.state)
     per_epoch = whole["steps"] // 3
-    _kill_in_second_epoch(
-        lambda cbs: _finetune(
-            tiny_data, tmp_path / "killed", "scratch-finetune", callbacks=cbs, max_epochs=3
-        ),
-        per_epoch,
-    )
+    assert per_epoch >= 2  # the kill below lands inside an epoch
+    _kill_in_second_epoch(lambda cbs: run("killed", cbs), per_epoch)
     first = _FirstStep()
-    resumed = _finetune(
-        tiny_data,
-        tmp_path / "killed",
-        "scratch-finetune",
-        callbacks=[first, resumed_state],
-        max_epochs=3,
-    )
+    resumed = run("killed", [first, resumed_state])
     assert first.first == per_epoch
     assert resumed == whole
     assert all(torch.equal(whole_state[k], resumed_state.state[k]) for k in whole_state)
-    run = Path("scratch-finetune") / "seed-0"
+    folder = Path("scratch-finetune") / "seed-0"
     for name in ("predictions.csv", "curve.csv"):
-        assert (tmp_path / "killed" / run / name).read_bytes() == (
-            tmp_path / "whole" / run / name
+        assert (tmp_path / "killed" / folder / name).read_bytes() == (
+            tmp_path / "whole" / folder / name
         ).read_bytes(), name
 
 

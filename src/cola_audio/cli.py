@@ -75,6 +75,9 @@ def _embed(args: argparse.Namespace, params: dict) -> None:
 def _sync_dvc(args: argparse.Namespace, params: dict) -> None:
     from cola_audio import sync
 
+    why_not = sync.blocked(Path("."))
+    if why_not is not None:
+        raise InputError(f"cola sync-dvc: not run: {why_not}")
     sync.run()
 
 

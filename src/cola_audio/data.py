@@ -166,13 +166,14 @@ def _loader(
     seed: int,
     drop_last: bool = False,
     collate_fn: Any = None,
+    rank: int = 0,
 ) -> DataLoader:
     """A loader whose order and crops are a function of `seed` alone, however often it is
     iterated: the order from `SeededPermutation`, the crops from a copy of the dataset with a
     generator of its own, seeded afresh in each worker (or, without workers, per loader)."""
     if isinstance(dataset, RandomCrops):
         dataset = copy.copy(dataset)  # another loader of the same data keeps its own stream
-        dataset.generator = torch.Generator().manual_seed(seed + 1)
+        dataset.generator = torch.Generator().manual_seed(crop_seed(seed, rank, None))
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -180,18 +181,25 @@ def _loader(
         num_workers=num_workers,
         drop_last=drop_last,
         collate_fn=collate_fn,
-        worker_init_fn=functools.partial(_seed_worker_crops, seed),
+        worker_init_fn=functools.partial(_seed_worker_crops, seed, rank),
         # Each iterator draws a base seed; from torch's global generator that draw would shift
         # the dropout masks by how many iterators Lightning made.
         generator=torch.Generator().manual_seed(seed),
     )
 
 
-def _seed_worker_crops(seed: int, worker_id: int) -> None:
+def crop_seed(seed: int, rank: int, worker: int | None) -> int:
+    """Pure: the crop stream's seed for one process (DDP rank) and loader worker (None: none).
+    The sample order stays one per epoch for all ranks (their shards of it must not overlap);
+    the crops differ per rank and worker."""
+    key = [seed, rank] if worker is None else [seed, rank, worker]
+    return int(np.random.SeedSequence(key).generate_state(1)[0])
+
+
+def _seed_worker_crops(seed: int, rank: int, worker_id: int) -> None:
     info = get_worker_info()
     if info is not None and isinstance(info.dataset, RandomCrops):
-        worker_seed = np.random.SeedSequence([seed, worker_id]).generate_state(1)[0]
-        info.dataset.generator = torch.Generator().manual_seed(int(worker_seed))
+        info.dataset.generator = torch.Generator().manual_seed(crop_seed(seed, rank, worker_id))
 
 
 class StoreData(pl.LightningDataModule):
@@ -216,6 +224,9 @@ class StoreData(pl.LightningDataModule):
         worker streams are the same whether the run was resumed or not (training.EpochSeeds)."""
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         return epoch_seed(self.seed, epoch)
+
+    def rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
 
 
 class PretrainData(StoreData):
@@ -245,7 +256,13 @@ class PretrainData(StoreData):
         # drop_last: every step has the same number of negatives, so accuracy is comparable.
         batch = min(self.batch_size, len(self.dataset))
         return _loader(
-            self.dataset, batch, True, self.num_workers, self.epoch_seed(), drop_last=True
+            self.dataset,
+            batch,
+            True,
+            self.num_workers,
+            self.epoch_seed(),
+            drop_last=True,
+            rank=self.rank(),
         )
 
 
@@ -282,7 +299,9 @@ class GenreData(StoreData):
     def train_dataloader(self) -> DataLoader:
         assert self.store is not None
         data = LabelledCrops(self.store, self.splits["train"], self.crop_frames)
-        return _loader(data, self.batch_size, True, self.num_workers, self.epoch_seed())
+        return _loader(
+            data, self.batch_size, True, self.num_workers, self.epoch_seed(), rank=self.rank()
+        )
 
     def _eval_loader(self, split: str) -> DataLoader:
         assert self.store is not None

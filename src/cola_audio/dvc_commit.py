@@ -61,24 +61,26 @@ def vouched_stages(stage_outs: dict[str, list[str]], up_to_date: set[str]) -> li
 
 
 def run(repo: Path = Path(".")) -> int:
-    """Commit the stages Snakemake vouches for, then stamp the state for `cola sync-dvc` (both
-    tools now agree on it: the next Snakemake start has nothing to take in from DVC)."""
-    stage_outs = sync.stage_outs(repo)
+    """Commit the stages Snakemake vouches for. When this Snakemake started in sync with DVC
+    (`cola sync-dvc`), also stamp the state: both tools agree on it, so the next start has
+    nothing to take in from DVC."""
+    dag = sync.pipeline(repo)
     summary = subprocess.run(
-        ["snakemake", "--summary", "--nolock", "--cores", "1"],
+        [*sync.SNAKEMAKE, "--summary", "--nolock", "--cores", "1"],
         cwd=repo,
         capture_output=True,
         text=True,
         check=True,
         env=sync.NESTED,
     ).stdout
-    stages = vouched_stages(stage_outs, up_to_date_outputs(summary))
-    skipped = sorted(set(stage_outs) - set(stages))
+    stages = vouched_stages(dag.outs, up_to_date_outputs(summary))
+    skipped = sorted(set(dag.outs) - set(stages))
     if skipped:
         log.info("not committed (Snakemake plans an update or has not built them): %s", skipped)
     if stages:
-        commit(repo, stages, stage_outs)
-    sync.write_stamp(repo, [o for outs in stage_outs.values() for o in outs])
+        commit(repo, stages, dag.outs)
+    if os.environ.get(sync.SYNCED) == "1":
+        sync.write_stamp(repo, dag.paths())
     return len(stages)
 
 

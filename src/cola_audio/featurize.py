@@ -142,7 +142,8 @@ def tracks_to_featurize(meta_dir: Path) -> tuple[dict[int, str], dict[int, str]]
 
 
 def shard_name(shard: int) -> str:
-    return f"{shard:03d}"
+    """The shard's file stem: its id as DVC's foreach writes it from features.shards."""
+    return str(shard)
 
 
 def shard_paths(out_dir: Path, shard: int) -> tuple[Path, Path]:
@@ -163,7 +164,7 @@ def featurize_shard(
     sha1s: dict[int, str] | None = None,
 ) -> dict[str, Any]:
     """Write one shard (.npy of frames, then its .json index); return the index document."""
-    n_shards = features["n_shards"]
+    n_shards = len(features["shards"])
     mine = [(tid, path) for tid, path in sorted(tracks.items()) if tid % n_shards == shard]
     npy_path, json_path = shard_paths(out_dir, shard)
     npy_path.parent.mkdir(parents=True, exist_ok=True)
@@ -244,10 +245,21 @@ def load_shard_index(out_dir: Path, shard: int, n_shards: int) -> dict[str, Any]
     return doc
 
 
+def remove_stray_shards(out_dir: Path, n_shards: int) -> None:
+    """Delete shards numbered n_shards and up: outputs of shard stages an earlier, longer
+    features.shards had. Left in place they would enter DVC's hash of the shards folder (a
+    dependency of every later stage), which a teammate's clean `dvc pull` could never match."""
+    for path in sorted((out_dir / "shards").glob("*")):
+        if path.suffix in (".npy", ".json") and path.stem.isdigit() and int(path.stem) >= n_shards:
+            path.unlink()
+            log.info("%s: removed (no shard %s in features.shards any more)", path, path.stem)
+
+
 def gather(features: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Join shard indexes into index.csv and skipped.csv; fail past the skipped-fraction limit."""
     out_dir = Path(out_dir)
-    n_shards = features["n_shards"]
+    n_shards = len(features["shards"])
+    remove_stray_shards(out_dir, n_shards)
     docs = [load_shard_index(out_dir, k, n_shards) for k in range(n_shards)]
     rows = [(t, d["shard"], o, f) for d in docs for t, o, f in d["tracks"]]
     index = pd.DataFrame(rows, columns=["track_id", "shard", "offset", "frames"])
@@ -300,12 +312,9 @@ def run(
     """One shard (`--shard K`), the gather step (`--gather`), or everything (neither)."""
     features = params["features"]
     n_workers = features["workers"] if workers is None else workers
-    if shard is not None and not 0 <= shard < features["n_shards"]:
-        raise BadInput(
-            f"--shard {shard} is out of range: features.n_shards = "
-            f"{features['n_shards']} allows 0..{features['n_shards'] - 1}"
-        )
-    shards = [shard] if shard is not None else ([] if gather_only else range(features["n_shards"]))
+    if shard is not None and shard not in features["shards"]:
+        raise BadInput(f"--shard {shard} is not one of features.shards = {features['shards']}")
+    shards = [shard] if shard is not None else ([] if gather_only else features["shards"])
     if shards:
         tracks, sha1s = tracks_to_featurize(Path(meta_dir))
         for k in shards:

@@ -100,6 +100,12 @@ def _check_cross_field(params: dict[str, Any], source: str) -> None:
             f"features.fft_length = {feats['fft_length']} must be ≥ frame_length "
             f"{feats['frame_length']}"
         )
+    if feats["shards"] != list(range(len(feats["shards"]))):
+        n = len(feats["shards"])
+        problems.append(
+            f"features.shards = {feats['shards']} must be the ids 0..{n - 1} in order "
+            f"(for {n} shards: {list(range(n))})"
+        )
     lo, hi = params["data"]["synthetic"]["clip_seconds"]
     if lo > hi:
         problems.append(f"data.synthetic.clip_seconds = {[lo, hi]} must be [shortest, longest]")

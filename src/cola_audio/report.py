@@ -28,6 +28,7 @@ from markdown_it import MarkdownIt  # noqa: E402
 from cola_audio import fsutil, meta, stats  # noqa: E402
 from cola_audio.errors import BadInput  # noqa: E402
 from cola_audio.params import finetune_runs, report_params  # noqa: E402
+from cola_audio.store import FeatureStore  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +401,9 @@ def provenance(params: dict[str, Any], features: Path, models: Path) -> dict[str
     }
     tracked = [
         features / "index.csv",
-        *sorted((features / "shards").glob("*.npy")),
+        # the shards the summary lists, not whatever lies in the folder (a smaller n_shards leaves
+        # the old higher-numbered files behind)
+        *(p for p in FeatureStore.files(features) if p.suffix == ".npy"),
         models / "pretrain" / "encoder.safetensors",
     ]
     return {

@@ -10,18 +10,25 @@ the Snakefile each time Snakemake starts (workflow/rules/common.smk), dry runs i
    `dvc exp run` and `cola dvc-commit`) and each of its outputs is missing or still what dvc.lock
    records (so nothing unsaved is overwritten). That is what `dvc repro` does for such a stage;
    here nothing else runs, so going back to earlier params retrains nothing in either tool.
-2. **Adopt.** Every rule all of whose stages DVC now reports up to date gets Snakemake's metadata
-   rewritten (`snakemake --touch --forcerun`, in DAG order): after `dvc repro`, `dvc exp run`,
-   `dvc pull` or a restore, Snakemake trusts what DVC verified from hashes, and a later edit of
-   any param still reruns what depends on it (touch alone skips jobs whose outputs look newer
-   than their inputs and leaves them without metadata).
+2. **Adopt.** A stage DVC now reports up to date, but which Snakemake would rebuild (`snakemake
+   --summary`) or has no metadata for (`snakemake -n`), gets its outputs touched with Snakemake's
+   metadata rewritten (`snakemake --touch --forcerun`, in DAG order), and so does every up-to-date
+   stage after it (a touched output makes everything downstream look stale). After `dvc repro`,
+   `dvc exp run`, `dvc pull` or a restore, Snakemake trusts what DVC verified from hashes, and a
+   later edit of any param still reruns what depends on it (touch without --forcerun skips jobs
+   whose outputs look newer than their inputs and leaves them without metadata). Outputs
+   Snakemake already holds up to date keep their mtimes, so work it finished is never redone.
+   With `data.source: folder`, download is never restored or adopted: only Snakemake sees the
+   folder's files (a fingerprint param), DVC does not.
 
 In one sentence: after a sync, Snakemake treats as done exactly the stages whose outputs DVC has
 verified against their current code, inputs and params.
 
-The whole sync is skipped (in milliseconds) when dvc.yaml, dvc.lock, params.yaml and the outputs'
-mtimes are as the last sync or commit left them (a fingerprint in .snakemake/); adopt runs only
-when dvc.lock or an output changed outside Snakemake, not after a mere param edit.
+The whole sync is skipped (in milliseconds) when dvc.yaml, dvc.lock, params.yaml and the mtimes of
+every stage's dependencies and outputs are as the last sync or commit left them (a fingerprint in
+.snakemake/); adopt runs only when dvc.lock or a file changed, not after a mere param edit. A
+sync that cannot run (DVC busy in `dvc repro`, a failed nested call) says so and lets Snakemake go
+on with its own records; the fingerprint is then not refreshed, so the next start tries again.
 `COLA_DVC_SYNC=off` turns it off; nested Snakemake calls made from here set it.
 """
 
@@ -30,12 +37,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from cola_audio import fsutil
+from cola_audio import fsutil, params
 
 
 def say(message: str) -> None:
@@ -45,21 +53,23 @@ def say(message: str) -> None:
 
 STAMP = Path(".snakemake") / "cola-dvc-sync.json"
 NESTED = {**os.environ, "COLA_DVC_SYNC": "off"}  # a Snakemake started from here must not sync
+SYNCED = "COLA_DVC_SYNCED"  # set for this Snakemake process once it started in sync with DVC
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
-def fingerprints(repo: Path, outs: list[str]) -> dict[str, str]:
+def fingerprints(repo: Path, paths: list[str]) -> dict[str, str]:
     """What DVC can see, hashed in two parts: `plan` (dvc.yaml, params.yaml) and `state`
-    (dvc.lock and each output's mtime and size)."""
+    (dvc.lock and the mtime and size of each stage's dependencies and outputs)."""
     plan, state = hashlib.sha256(), hashlib.sha256()
     for name, digest in (("dvc.yaml", plan), ("params.yaml", plan), ("dvc.lock", state)):
         path = repo / name
         digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"-"))
-    for out in sorted(outs):
+    for rel in sorted(paths):
         try:
-            st = (repo / out).stat()
-            state.update(f"{out}\0{st.st_mtime_ns}\0{st.st_size}\n".encode())
+            st = (repo / rel).stat()
+            state.update(f"{rel}\0{st.st_mtime_ns}\0{st.st_size}\n".encode())
         except FileNotFoundError:
-            state.update(f"{out}\0missing\n".encode())
+            state.update(f"{rel}\0missing\n".encode())
     return {"plan": plan.hexdigest(), "state": state.hexdigest()}
 
 
@@ -68,13 +78,13 @@ def read_stamp(repo: Path) -> dict[str, Any] | None:
         stamp = json.loads((repo / STAMP).read_text())
     except (OSError, ValueError):
         return None
-    return stamp if isinstance(stamp, dict) and isinstance(stamp.get("outs"), list) else None
+    return stamp if isinstance(stamp, dict) and isinstance(stamp.get("paths"), list) else None
 
 
-def write_stamp(repo: Path, outs: list[str]) -> None:
-    """Record what DVC's files and outputs look like now that both tools agree on them."""
+def write_stamp(repo: Path, paths: list[str]) -> None:
+    """Record what DVC's files, inputs and outputs look like now that both tools agree on them."""
     (repo / STAMP).parent.mkdir(exist_ok=True)
-    fsutil.write_json(repo / STAMP, {"outs": sorted(outs), **fingerprints(repo, outs)})
+    fsutil.write_json(repo / STAMP, {"paths": sorted(paths), **fingerprints(repo, paths)})
 
 
 def needed(repo: Path) -> str | None:
@@ -83,108 +93,187 @@ def needed(repo: Path) -> str | None:
     stamp = read_stamp(repo)
     if stamp is None:
         return "first"
-    now = fingerprints(repo, stamp["outs"])
+    now = fingerprints(repo, stamp["paths"])
     if now["state"] != stamp.get("state"):
         return "state"
     return "plan" if now["plan"] != stamp.get("plan") else None
 
 
+def blocked(repo: Path) -> str | None:
+    """Why no sync may run here now, or None."""
+    if os.environ.get("COLA_DVC_SYNC") == "off":
+        return "COLA_DVC_SYNC=off"
+    if not (repo / ".dvc").is_dir() or not (repo / "dvc.lock").is_file():
+        return "no DVC pipeline here"
+    if any((repo / ".snakemake" / "locks").glob("*")):
+        return "another Snakemake holds this folder (if none runs: `snakemake --unlock`)"
+    return None
+
+
 def at_snakemake_start(repo: Path = Path(".")) -> None:
     """The Snakefile's hook: sync when DVC is in use here and something changed since last time."""
     repo = Path(repo)
-    if os.environ.get("COLA_DVC_SYNC") == "off" or not (repo / "dvc.lock").is_file():
-        return
-    if not (repo / ".dvc").is_dir():
-        return
-    if any((repo / ".snakemake" / "locks").glob("*")):
-        say("skipped: another Snakemake holds this folder (if none runs: `snakemake --unlock`)")
+    why_not = blocked(repo)
+    if why_not is not None:
+        if not why_not.startswith(("COLA_DVC_SYNC", "no DVC")):
+            say(f"skipped: {why_not}")
         return
     reason = needed(repo)
     if reason is not None:
-        run(repo, adopt_rules=reason != "plan")
+        from dvc.lock import LockError
+
+        try:
+            run(repo, adopt_rules=reason != "plan")
+        except (LockError, subprocess.CalledProcessError) as exc:
+            say(
+                f"skipped ({exc}); Snakemake goes on with its own records and the next start "
+                "tries again (COLA_DVC_SYNC=off silences this)"
+            )
+            return
+    os.environ[SYNCED] = "1"  # cola dvc-commit may now stamp: nothing DVC did went unseen
 
 
-def stage_outs(repo: Path) -> dict[str, list[str]]:
-    """Each dvc.yaml stage's output paths."""
+class Pipeline:
+    """DVC's stages as plain data: outputs, dependency paths, and who depends on whom."""
+
+    def __init__(self, dvc_repo: Any) -> None:
+        import networkx as nx
+        from dvc.dependency.param import ParamsDependency
+
+        graph = dvc_repo.index.graph  # edges run from a stage to the stages it depends on
+        self.stages = [s for s in reversed(list(nx.topological_sort(graph))) if s.cmd]
+        self.outs = {s.addressing: [o.def_path for o in s.outs] for s in self.stages}
+        self.deps = {
+            s.addressing: [d.def_path for d in s.deps if not isinstance(d, ParamsDependency)]
+            for s in self.stages
+        }
+        self.dependents = {
+            s.addressing: {d.addressing for d in nx.ancestors(graph, s)} for s in self.stages
+        }
+
+    def paths(self) -> list[str]:
+        return sorted({p for table in (self.outs, self.deps) for ps in table.values() for p in ps})
+
+
+def pipeline(repo: Path) -> Pipeline:
     from dvc.repo import Repo
 
     with Repo(str(repo)) as dvc_repo:
-        return {s.addressing: [o.def_path for o in s.outs] for s in dvc_repo.index.stages}
+        return Pipeline(dvc_repo)
 
 
 def restorable(status: list[Any]) -> bool:
-    """Pure: a changed stage (its `Stage.status()` entries) whose outputs DVC may check out from
-    its cache: each output is missing or unmodified, so nothing unsaved is overwritten."""
-    outs: dict[str, str] = {}
+    """Pure: a changed stage (its `Stage.status()` entries) that DVC may check out from its run
+    cache: every input exists, and each output is missing or unmodified (so in DVC's cache
+    already: nothing unsaved is overwritten)."""
+    changes: dict[str, dict[str, Any]] = {"changed deps": {}, "changed outs": {}}
     for entry in status:
         if isinstance(entry, dict):
-            outs.update(entry.get("changed outs", {}))
-    return all(state == "deleted" for state in outs.values())
+            for kind in changes:
+                changes[kind].update(entry.get(kind, {}))
+    outs_ok = all(state == "deleted" for state in changes["changed outs"].values())
+    return outs_ok and "deleted" not in changes["changed deps"].values()
 
 
-def restore_from_cache(repo: Path) -> tuple[list[str], set[str]]:
-    """Check out every restorable changed stage whose current inputs DVC's run cache knows
-    (dependencies first, so a restored stage makes its dependents' inputs current) and record
-    it in dvc.lock. Returns (restored stages, stages still changed)."""
-    import networkx as nx
+def restore_from_cache(repo: Path, skip: set[str]) -> tuple[list[str], set[str], Pipeline]:
+    """Check out every restorable changed stage (but those in `skip`) whose current inputs DVC's
+    run cache knows, dependencies first so a restored stage makes its dependents' inputs current,
+    and record it in dvc.lock. Returns (restored stages, stages still changed, the pipeline)."""
     from dvc.repo import Repo, lock_repo
     from dvc.stage.cache import RunCacheNotFoundError
 
     restored, changed = [], set()
     with Repo(str(repo)) as dvc_repo, lock_repo(dvc_repo):
-        graph = dvc_repo.index.graph  # edges run from a stage to the stages it depends on
-        for stage in reversed(list(nx.topological_sort(graph))):
-            if not stage.cmd:
-                continue
+        dag = Pipeline(dvc_repo)
+        for stage in dag.stages:
             status = stage.status().get(stage.addressing)
             if not status:
                 continue
-            if restorable(status):
+            if stage.addressing not in skip and restorable(status):
                 try:
-                    dvc_repo.stage_cache.restore(stage)
+                    stage.save_deps()  # hash the current inputs, then only ask the cache
+                    dvc_repo.stage_cache.restore(stage, dry=True)
                 except RunCacheNotFoundError:
                     pass
                 else:
-                    stage.save()
-                    stage.commit()
-                    stage.dump(update_pipeline=False)
-                    restored.append(stage.addressing)
-                    continue
+                    # As `dvc repro` does: clear the outputs (all in DVC's cache), then check
+                    # out the cached run's; a checkout that fails leaves them missing, not old.
+                    stage.remove_outs(ignore_remove=False, force=False)
+                    dvc_repo.stage_cache.restore(stage)
+                    if all(out.exists for out in stage.outs):
+                        stage.save()
+                        stage.commit()
+                        stage.dump(update_pipeline=False)
+                        restored.append(stage.addressing)
+                        continue
             changed.add(stage.addressing)
-    return restored, changed
+    return restored, changed, dag
 
 
-def adoptable(outs: dict[str, list[str]], changed: set[str]) -> tuple[list[str], list[str]]:
-    """Pure: (rules whose every stage is up to date, their outputs). Rule = stage name before @."""
-    by_rule: dict[str, list[str]] = {}
-    for stage in outs:
-        by_rule.setdefault(stage.split("@")[0], []).append(stage)
-    rules = sorted(r for r, stages in by_rule.items() if not set(stages) & changed)
-    files = sorted(o for r in rules for s in by_rule[r] for o in outs[s])
-    return rules, files
+def snakemake_view(repo: Path) -> tuple[set[str], set[str]]:
+    """(outputs Snakemake plans to update, rules with missing metadata), from its own reports."""
+    from cola_audio.dvc_commit import up_to_date_outputs
+
+    def call(*args: str) -> str:
+        done = subprocess.run(
+            [*SNAKEMAKE, *args, "--nolock", "--cores", "1"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+            env=NESTED,
+        )
+        return done.stdout + done.stderr
+
+    summary = call("--summary")
+    rows = [line.split("\t")[0] for line in summary.splitlines()[1:] if "\t" in line]
+    stale = set(rows) - up_to_date_outputs(summary)
+    found = re.search(r"^Rules with missing metadata: (.+)$", call("-n"), re.M)
+    return stale, set(found.group(1).split()) if found else set()
 
 
-def adopt(repo: Path, outs: dict[str, list[str]], changed: set[str]) -> list[str]:
-    """Record Snakemake metadata for every rule DVC holds up to date; returns the files touched."""
-    rules, files = adoptable(outs, changed)
-    present = [f for f in files if (repo / f).exists()]
-    if not present:
+def to_adopt(
+    dag_outs: dict[str, list[str]],
+    dependents: dict[str, set[str]],
+    changed: set[str],
+    stale: set[str],
+    unrecorded_rules: set[str],
+) -> list[str]:
+    """Pure: the stages Snakemake should record as done. Up to date in DVC (not in `changed`),
+    and stale for Snakemake or without its metadata, or downstream of such a stage."""
+    clean = {s for s in dag_outs if s not in changed}
+    seeds = {s for s in clean if set(dag_outs[s]) & stale or s.split("@")[0] in unrecorded_rules}
+    chosen = set(seeds)
+    for s in seeds:
+        chosen |= dependents.get(s, set()) & clean
+    return sorted(chosen)
+
+
+def adopt(repo: Path, dag: Pipeline, changed: set[str]) -> list[str]:
+    """Touch, with Snakemake's metadata, the outputs of the stages `to_adopt` picks."""
+    stale, unrecorded = snakemake_view(repo)
+    stages = to_adopt(dag.outs, dag.dependents, changed, stale, unrecorded)
+    files = [f for s in stages for f in dag.outs[s] if (repo / f).exists()]
+    if not files:
         return []
-    say(f"Snakemake adopts what DVC verified: {', '.join(rules)}")
-    cmd = ["snakemake", "--touch", "--cores", "1", "--quiet", "all", "--forcerun", *rules]
-    cmd += ["--allowed-rules", *rules, "--", *present]
+    rules = sorted({s.split("@")[0] for s in stages})
+    say(f"Snakemake adopts what DVC verified: {', '.join(stages)}")
+    cmd = [*SNAKEMAKE, "--touch", "--no-hooks", "--cores", "1", "--quiet"]
+    cmd += ["--forcerun", *rules, "--allowed-rules", *rules, "--", *files]
     subprocess.run(cmd, cwd=repo, check=True, env=NESTED)
-    return present
+    return files
 
 
 def run(repo: Path = Path("."), adopt_rules: bool = True) -> dict[str, Any]:
     """Restore, then adopt (unless only params.yaml or dvc.yaml changed and nothing was
     restored: Snakemake's records are then still its own), then stamp."""
     repo = Path(repo)
-    restored, changed = restore_from_cache(repo)
+    skip = (
+        {"download"} if params.load(repo / "params.yaml")["data"]["source"] == "folder" else set()
+    )
+    restored, changed, dag = restore_from_cache(repo, skip)
     if restored:
         say(f"restored from DVC's cache, nothing retrained: {', '.join(restored)}")
-    outs = stage_outs(repo)
-    adopted = adopt(repo, outs, changed) if adopt_rules or restored else []
-    write_stamp(repo, [o for files in outs.values() for o in files])
+    adopted = adopt(repo, dag, changed | skip) if adopt_rules or restored else []
+    write_stamp(repo, dag.paths())
     return {"restored": restored, "changed": sorted(changed), "adopted": adopted}

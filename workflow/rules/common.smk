@@ -24,7 +24,7 @@ if workflow.is_main_process:
     sync_with_dvc()
 
 SRC = "src/cola_audio"
-SHARDS = [f"{k:03d}" for k in range(config["features"]["n_shards"])]
+SHARDS = [str(k) for k in config["features"]["shards"]]
 RUNS = finetune_runs(config["finetune"])
 SEEDS = config["finetune"]["seeds"]
 SCRATCH_RUNS = sorted(config["finetune"]["runs"]["scratch"])
@@ -32,7 +32,7 @@ PRETRAINED_RUNS = sorted(config["finetune"]["runs"]["pretrained"])
 
 
 wildcard_constraints:
-    shard=r"\d{3}",
+    shard=r"\d+",
     run=r"[a-z0-9]+(-[a-z0-9]+)*",
     seed=r"\d+",
 
