@@ -34,6 +34,7 @@ on with its own records; the fingerprint is then not refreshed, so the next star
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -175,6 +176,24 @@ def restorable(status: list[Any]) -> bool:
     return outs_ok and "deleted" not in changes["changed deps"].values()
 
 
+def in_run_cache(dvc_repo: Any, stage: Any) -> bool:
+    """Whether DVC's cache holds a run of `stage` with its current code, inputs and params: what
+    `dvc repro` would check out instead of running (StageCache.restore's lookup, without the
+    checkout). It hashes the current inputs into `stage`; restore from a freshly loaded copy,
+    since StageCache.restore tells what changed from the hashes dvc.lock gave the stage."""
+    from dvc.stage.cache import _can_hash
+
+    if not _can_hash(stage):
+        return False
+    if not stage.changed_stage() and stage.deps_cached() and all(o.hash_info for o in stage.outs):
+        return bool(stage.outs_cached())  # only outputs are missing: dvc.lock's own run
+    stage.save_deps()
+    cache = dvc_repo.stage_cache._load(stage)
+    if not cache:
+        return False
+    return bool(dvc_repo.stage_cache._create_stage(cache, wdir=stage.wdir).outs_cached())
+
+
 def restore_from_cache(repo: Path, skip: set[str]) -> tuple[list[str], set[str], Pipeline]:
     """Check out every restorable changed stage (but those in `skip`) whose current inputs DVC's
     run cache knows, dependencies first so a restored stage makes its dependents' inputs current,
@@ -189,21 +208,21 @@ def restore_from_cache(repo: Path, skip: set[str]) -> tuple[list[str], set[str],
             status = stage.status().get(stage.addressing)
             if not status:
                 continue
-            if stage.addressing not in skip and restorable(status):
-                try:
-                    stage.save_deps()  # hash the current inputs, then only ask the cache
-                    dvc_repo.stage_cache.restore(stage, dry=True)
-                except RunCacheNotFoundError:
-                    pass
-                else:
-                    # As `dvc repro` does: clear the outputs (all in DVC's cache), then check
-                    # out the cached run's; a checkout that fails leaves them missing, not old.
-                    stage.remove_outs(ignore_remove=False, force=False)
-                    dvc_repo.stage_cache.restore(stage)
-                    if all(out.exists for out in stage.outs):
-                        stage.save()
-                        stage.commit()
-                        stage.dump(update_pipeline=False)
+            if (
+                stage.addressing not in skip
+                and restorable(status)
+                and in_run_cache(dvc_repo, stage)
+            ):
+                # As `dvc repro` does: clear the outputs (all in DVC's cache), then check out
+                # the cached run's; a checkout that fails leaves them missing, never old.
+                fresh = dvc_repo.stage.load_one(stage.path, stage.name)
+                fresh.remove_outs(ignore_remove=False, force=False)
+                with contextlib.suppress(RunCacheNotFoundError):
+                    dvc_repo.stage_cache.restore(fresh)
+                    if all(out.exists for out in fresh.outs):
+                        fresh.save()
+                        fresh.commit()
+                        fresh.dump(update_pipeline=False)
                         restored.append(stage.addressing)
                         continue
             changed.add(stage.addressing)
