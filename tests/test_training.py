@@ -200,10 +200,10 @@ def test_a_killed_pretraining_resumes_to_the_same_encoder_as_an_uninterrupted_on
     """Issue 8.5: the resumed run restarts at the last epoch boundary and, with every random
     stream seeded by the epoch number, ends bit-identical to the run that was never killed."""
     p = json.loads(json.dumps(tiny_data["params"]))
-    p["pretrain"].update(max_steps=-1, max_epochs=3, batch_size=4)
+    p["pretrain"].update(max_steps=-1, max_epochs=2, batch_size=4)
     kw = {"features": tiny_data["features"], "meta_dir": tiny_data["meta"]}
     whole = pretrain.run(p, out_dir=tmp_path / "whole", **kw)
-    per_epoch = whole["steps"] // 3
+    per_epoch = whole["steps"] // 2
     assert per_epoch >= 2  # the kill below lands inside an epoch
 
     _kill_in_second_epoch(
@@ -244,13 +244,13 @@ def test_a_killed_finetune_resumes_to_the_same_metrics_as_an_uninterrupted_one(
             tmp_path / folder,
             "scratch-finetune",
             callbacks=callbacks,
-            max_epochs=3,
+            max_epochs=2,
             num_workers=workers,
         )
 
     whole = run("whole", [whole_state])
     whole_state = dict(whole_state.state)
-    per_epoch = whole["steps"] // 3
+    per_epoch = whole["steps"] // 2
     assert per_epoch >= 2  # the kill below lands inside an epoch
     _kill_in_second_epoch(lambda cbs: run("killed", cbs), per_epoch)
     first = _FirstStep()
