@@ -19,7 +19,6 @@ import torch
 from cola_audio import params, training
 from cola_audio.data import PretrainData
 from cola_audio.models.cola import ColaModule
-from cola_audio.pretrain import HPARAM_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -43,7 +42,7 @@ class Record(pl.Callback):
 def run_variant(cfg: dict[str, Any], variant: dict[str, Any], steps: int) -> dict[str, float]:
     variant = dict(variant)
     w_init = variant.pop("w_init", "identity")
-    hp = {**{k: cfg[k] for k in HPARAM_KEYS}, **variant}
+    hp = {**training.model_hparams(ColaModule, cfg), **variant}
     training.seed_everything(cfg["seed"])
     data = PretrainData(REPO / "data/features", REPO / "data/meta", cfg["crop_frames"], 64, 0, 0)
     model = ColaModule(**hp)

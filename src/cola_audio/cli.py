@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cola_audio import params as params_mod
 from cola_audio.errors import InputError
@@ -97,7 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    _add_stages(sub)
+    _add_tools(sub)
+    return parser
 
+
+def _add_stages(sub: Any) -> None:
+    """The pipeline's stages, one subcommand each, in pipeline order."""
     p = sub.add_parser("download", help="fetch and verify FMA, or write the embedded dataset")
     p.set_defaults(func=_download)
 
@@ -133,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("reports"))
     p.set_defaults(func=_report)
 
+
+def _add_tools(sub: Any) -> None:
+    """Everything else: the trained encoder on your audio, and the DVC/Snakemake glue."""
     p = sub.add_parser("embed", help="embeddings of any audio files or folders (Parquet)")
     p.add_argument("paths", nargs="+", type=Path, help="audio files and folders (searched deeply)")
     p.add_argument("--out", type=Path, default=Path("embeddings.parquet"))
@@ -155,7 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
         "does not rebuild afterwards (run by the Snakefile after every run)",
     )
     p.set_defaults(func=_dvc_commit)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

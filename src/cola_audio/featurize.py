@@ -16,10 +16,9 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pandas as pd
@@ -30,6 +29,7 @@ from tqdm import tqdm
 from cola_audio import fsutil, meta
 from cola_audio.errors import BadInput, InputError, MissingInput
 from cola_audio.frontend import FrontEnd
+from cola_audio.pools import process_pool
 
 log = logging.getLogger(__name__)
 DTYPE = np.float16
@@ -177,11 +177,7 @@ def featurize_shard(
     # One BLAS thread everywhere (here and in pool workers): a multi-threaded matrix product sums
     # in another order, and the shard's bytes would depend on the worker count.
     with tempfile.TemporaryFile(dir=npy_path.parent, prefix=".raw-") as raw, threadpool_limits(1):
-        pool = (
-            ProcessPoolExecutor(n_workers, initializer=fsutil.one_thread_per_process)
-            if n_workers > 1
-            else None
-        )
+        pool = process_pool(n_workers) if n_workers > 1 else None
         try:
             results = (
                 pool.map(_featurize_star, jobs, chunksize=4) if pool else map(_featurize_star, jobs)
@@ -200,14 +196,7 @@ def featurize_shard(
             if pool:
                 pool.shutdown()
         raw.seek(0)
-        with fsutil.atomic_path(npy_path) as npy_tmp, open(npy_tmp, "wb") as out:
-            header = {
-                "descr": np.lib.format.dtype_to_descr(np.dtype(DTYPE)),
-                "fortran_order": False,
-                "shape": (offset, features["n_mels"]),
-            }
-            np.lib.format.write_array_header_1_0(out, header)
-            shutil.copyfileobj(raw, out, 1 << 22)
+        write_npy(npy_path, raw, (offset, features["n_mels"]))
     doc = {
         "shard": shard,
         "n_shards": n_shards,
@@ -221,6 +210,19 @@ def featurize_shard(
     }
     fsutil.write_json(json_path, doc)
     return doc
+
+
+def write_npy(path: Path, raw: IO[bytes], shape: tuple[int, int]) -> None:
+    """An .npy file of `shape` from raw DTYPE bytes streamed in (a shard never sits in memory
+    whole), written atomically: a killed job never leaves a shard that looks complete."""
+    with fsutil.atomic_path(path) as tmp, open(tmp, "wb") as out:
+        header = {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(DTYPE)),
+            "fortran_order": False,
+            "shape": shape,
+        }
+        np.lib.format.write_array_header_1_0(out, header)
+        shutil.copyfileobj(raw, out, 1 << 22)
 
 
 def load_shard_index(out_dir: Path, shard: int, n_shards: int) -> dict[str, Any]:

@@ -19,17 +19,6 @@ from cola_audio.stats import classification_metrics
 from cola_audio.store import FeatureStore
 
 log = logging.getLogger(__name__)
-HPARAM_KEYS = (
-    "pooling",
-    "input_norm",
-    "bn_momentum",
-    "dropout",
-    "lr",
-    "linear_lr",
-    "weight_decay",
-    "lr_schedule",
-    "warmup_steps",
-)
 
 
 def run_dir(out_dir: Path, run_name: str, seed: int) -> Path:
@@ -79,6 +68,78 @@ def _run(
     callbacks: list | None,
     trainer_overrides: dict[str, Any],
 ) -> dict[str, Any]:
+    """Wire data and model → fit → test the checkpoint validation selected → write."""
+    data, model, identity = _wire(cfg, spec, run_name, seed, features, meta_dir, encoder)
+    trainer, best_cb = _fit(
+        cfg,
+        spec,
+        seed,
+        data,
+        model,
+        training.resume_point(out, identity),
+        out,
+        callbacks,
+        trainer_overrides,
+    )
+    best = _load_best(out, best_cb, cfg["max_steps"], run_name)
+    model.load_state_dict(best["state_dict"], strict=True)
+    trainer.test(model, datamodule=data, verbose=False)
+    outputs = {k: v.numpy() for k, v in model.test_outputs.items()}
+    metrics = _metrics(run_name, spec, seed, data, outputs, best, best_cb, trainer, identity)
+    if trainer.is_global_zero:
+        _write_outputs(out, metrics, outputs, data.genres)
+        training.finish(out)
+        log.info(
+            "%s seed %d: test accuracy %.3f, macro-F1 %.3f on %d clips (selected epoch %d)",
+            run_name,
+            seed,
+            metrics["accuracy"],
+            metrics["macro_f1"],
+            metrics["n_test"],
+            metrics["selected_epoch"],
+        )
+    return metrics
+
+
+def _metrics(
+    run_name: str,
+    spec: dict[str, str],
+    seed: int,
+    data: GenreData,
+    outputs: dict[str, np.ndarray],
+    best: dict[str, Any],
+    best_cb: Any,
+    trainer: Any,
+    identity: str,
+) -> dict[str, Any]:
+    """metrics.json: test scores of the selected checkpoint, what was selected, and from what."""
+    return {
+        **scalar_metrics(classification_metrics(outputs["labels"], outputs["preds"], data.genres)),
+        "run": run_name,
+        **spec,
+        "seed": seed,
+        "n_test": int(len(outputs["labels"])),
+        "n_test_skipped": data.missing["test"],
+        "n_train": len(data.splits["train"]),
+        "n_val": len(data.splits["val"]),
+        "selected_epoch": int(best["epoch"]),
+        "best_val_acc": float(best_cb.best_model_score),
+        "steps": int(trainer.global_step),
+        "run_identity": identity,
+    }
+
+
+def _wire(
+    cfg: dict[str, Any],
+    spec: dict[str, str],
+    run_name: str,
+    seed: int,
+    features: Path,
+    meta_dir: Path,
+    encoder: Path,
+) -> tuple[GenreData, GenreClassifier, str]:
+    """The seeded data module, the model (with the pretrained encoder's weights where the run
+    starts from it) and the run's identity over its params, inputs and code."""
     training.seed_everything(seed)
     data = GenreData(
         features,
@@ -101,12 +162,27 @@ def _run(
     model = GenreClassifier(
         n_classes=len(data.genres),
         **spec,
-        **{k: cfg[k] for k in HPARAM_KEYS},
+        **training.model_hparams(GenreClassifier, cfg),
         run_identity=identity,
     )
     if spec["init"] == "pretrained":
         load_encoder_weights(model.encoder, encoder)
-    resume = training.resume_point(out, identity)
+    return data, model, identity
+
+
+def _fit(
+    cfg: dict[str, Any],
+    spec: dict[str, str],
+    seed: int,
+    data: GenreData,
+    model: GenreClassifier,
+    resume: Path | None,
+    out: Path,
+    callbacks: list | None,
+    trainer_overrides: dict[str, Any],
+) -> tuple[Any, Any]:
+    """Train (continuing `resume`, the same run's last epoch end, if any); returns the trainer
+    and the callback that tracked the best validation accuracy."""
     if resume is None and spec == {"init": "scratch", "mode": "linear"}:
         model.calibrate_frozen_encoder(data.train_dataloader(), cfg["precise_bn_batches"])
     training.prepare_logs(out, resume)
@@ -119,37 +195,7 @@ def _run(
         **{"check_val_every_n_epoch": cfg["val_every_n_epochs"], **trainer_overrides},
     )
     trainer.fit(model, data, ckpt_path=resume, weights_only=True)
-    best = _load_best(out, best_cb, cfg["max_steps"], run_name)
-    model.load_state_dict(best["state_dict"], strict=True)
-    trainer.test(model, datamodule=data, verbose=False)
-    outputs = {k: v.numpy() for k, v in model.test_outputs.items()}
-    metrics = {
-        **scalar_metrics(classification_metrics(outputs["labels"], outputs["preds"], data.genres)),
-        "run": run_name,
-        **spec,
-        "seed": seed,
-        "n_test": int(len(outputs["labels"])),
-        "n_test_skipped": data.missing["test"],
-        "n_train": len(data.splits["train"]),
-        "n_val": len(data.splits["val"]),
-        "selected_epoch": int(best["epoch"]),
-        "best_val_acc": float(best_cb.best_model_score),
-        "steps": int(trainer.global_step),
-        "run_identity": identity,
-    }
-    if trainer.is_global_zero:
-        _write_outputs(out, metrics, outputs, data.genres)
-        training.finish(out)
-        log.info(
-            "%s seed %d: test accuracy %.3f, macro-F1 %.3f on %d clips (selected epoch %d)",
-            run_name,
-            seed,
-            metrics["accuracy"],
-            metrics["macro_f1"],
-            metrics["n_test"],
-            metrics["selected_epoch"],
-        )
-    return metrics
+    return trainer, best_cb
 
 
 def _run_spec(cfg: dict[str, Any], run_name: str, seed: int) -> dict[str, str]:

@@ -36,42 +36,9 @@ def audio_under(root: Path) -> list[Path]:
 def labelled_files(cfg: dict[str, Any], root: Path) -> pd.DataFrame:
     """path, label, split ('' when not given), group: from the labels CSV or the subfolders."""
     if cfg["labels_csv"]:
-        csv = Path(cfg["labels_csv"])
-        table = pd.read_csv(csv, dtype=str).fillna("")
-        missing_cols = {"path", "label"} - set(table.columns)
-        if missing_cols:
-            raise BadInput(f"{csv}: needs columns path,label[,split][,group]; no {missing_cols}")
-        table = table.apply(lambda column: column.str.strip())
-        if blank := [i + 2 for i in table.index[table["label"] == ""]]:
-            raise BadInput(f"{csv}: line(s) {blank[:10]} have no label")
-        if dupes := sorted(set(table["path"][table["path"].duplicated()])):
-            raise BadInput(f"{csv}: path(s) listed more than once: {', '.join(dupes[:5])}")
-        table["path"] = [(root / p).as_posix() for p in table["path"]]
-        absent = [p for p in table["path"] if not Path(p).is_file()]
-        if absent:
-            more = f" and {len(absent) - 5} more" if len(absent) > 5 else ""
-            shown = ", ".join(absent[:5]) + more
-            raise BadInput(f"{csv}: {len(absent)} listed file(s) do not exist: {shown}")
-        bad = sorted(set(table.get("split", pd.Series([], dtype=str))) - {"", *SPLITS})
-        if bad:
-            raise BadInput(f"{csv}: unknown split values {bad}; use train, val or test")
+        table = _from_labels_csv(Path(cfg["labels_csv"]), root)
     else:
-        classes = (
-            sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "_")))
-            if root.is_dir()
-            else []
-        )  # `_background_noise_`, `.ipynb_checkpoints`: not classes
-        if not classes:
-            raise MissingInput(
-                f"{root}: no class subfolders; set data.folder.path to a folder "
-                "with one subfolder per class, or give data.folder.labels_csv"
-            )
-        files = {d.name: audio_under(d) for d in classes}
-        empty = [name for name, found in files.items() if not found]
-        if empty:
-            raise BadInput(f"{root}: class folder(s) without audio files: {', '.join(empty)}")
-        rows = [(p.as_posix(), name) for name, found in files.items() for p in found]
-        table = pd.DataFrame(rows, columns=["path", "label"])
+        table = _from_class_folders(root)
     if "split" not in table:
         table["split"] = ""
     if "group" not in table:
@@ -88,6 +55,50 @@ def labelled_files(cfg: dict[str, Any], root: Path) -> pd.DataFrame:
                 f"{root} (e.g. {Path(table['path'].iloc[0]).name}); fix it or set it to null"
             )
     return table[["path", "label", "split", "group"]].sort_values("path", ignore_index=True)
+
+
+def _from_labels_csv(csv: Path, root: Path) -> pd.DataFrame:
+    """The labels CSV's rows, checked: columns, labels, duplicates, files present, splits."""
+    table = pd.read_csv(csv, dtype=str).fillna("")
+    missing_cols = {"path", "label"} - set(table.columns)
+    if missing_cols:
+        raise BadInput(f"{csv}: needs columns path,label[,split][,group]; no {missing_cols}")
+    table = table.apply(lambda column: column.str.strip())
+    if blank := [i + 2 for i in table.index[table["label"] == ""]]:
+        raise BadInput(f"{csv}: line(s) {blank[:10]} have no label")
+    if dupes := sorted(set(table["path"][table["path"].duplicated()])):
+        raise BadInput(f"{csv}: path(s) listed more than once: {', '.join(dupes[:5])}")
+    table["path"] = [(root / p).as_posix() for p in table["path"]]
+    absent = [p for p in table["path"] if not Path(p).is_file()]
+    if absent:
+        more = f" and {len(absent) - 5} more" if len(absent) > 5 else ""
+        shown = ", ".join(absent[:5]) + more
+        raise BadInput(f"{csv}: {len(absent)} listed file(s) do not exist: {shown}")
+    bad = sorted(set(table.get("split", pd.Series([], dtype=str))) - {"", *SPLITS})
+    if bad:
+        raise BadInput(f"{csv}: unknown split values {bad}; use train, val or test")
+    return table
+
+
+def _from_class_folders(root: Path) -> pd.DataFrame:
+    """One row per audio file under each class subfolder of `root`."""
+    classes = (
+        sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "_")))
+        if root.is_dir()
+        else []
+    )  # `_background_noise_`, `.ipynb_checkpoints`: not classes
+    if not classes:
+        raise MissingInput(
+            f"{root}: no class subfolders; set data.folder.path to a folder "
+            "with one subfolder per class, or give data.folder.labels_csv"
+        )
+    files = {d.name: audio_under(d) for d in classes}
+    empty = [name for name, found in files.items() if not found]
+    if empty:
+        raise BadInput(f"{root}: class folder(s) without audio files: {', '.join(empty)}")
+    rows = [(p.as_posix(), name) for name, found in files.items() for p in found]
+    table = pd.DataFrame(rows, columns=["path", "label"])
+    return table
 
 
 def group_of(path: str, pattern: str | None) -> str:

@@ -39,13 +39,6 @@ def file_digest(path: str | Path, algorithm: str) -> str:
         return hashlib.file_digest(fh, algorithm).hexdigest()
 
 
-def one_thread_per_process() -> None:
-    """Pool initializer: one BLAS/OpenMP thread per worker, so N workers use N cores, not N²."""
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(1)
-
-
 def write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -86,7 +86,14 @@ def _strict_integers(base: type) -> type:
 
 
 def _check_cross_field(params: dict[str, Any], source: str) -> None:
-    feats = params["features"]
+    """What a JSON schema cannot say: relations between values."""
+    problems = [*_feature_problems(params["features"]), *_data_and_run_problems(params)]
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise ParamsError(f"{source}: invalid parameters:\n{lines}\nFix the values in {source}.")
+
+
+def _feature_problems(feats: dict[str, Any]) -> list[str]:
     problems = []
     if feats["fmax_hz"] > feats["sample_rate"] / 2:
         problems.append(
@@ -106,6 +113,11 @@ def _check_cross_field(params: dict[str, Any], source: str) -> None:
             f"features.shards = {feats['shards']} must be the ids 0..{n - 1} in order "
             f"(for {n} shards: {list(range(n))})"
         )
+    return problems
+
+
+def _data_and_run_problems(params: dict[str, Any]) -> list[str]:
+    problems = []
     lo, hi = params["data"]["synthetic"]["clip_seconds"]
     if lo > hi:
         problems.append(f"data.synthetic.clip_seconds = {[lo, hi]} must be [shortest, longest]")
@@ -133,9 +145,7 @@ def _check_cross_field(params: dict[str, Any], source: str) -> None:
             problems.append(
                 f"report.comparisons {pair}: {', '.join(unknown)} not a run of finetune.runs"
             )
-    if problems:
-        lines = "\n".join(f"  - {p}" for p in problems)
-        raise ParamsError(f"{source}: invalid parameters:\n{lines}\nFix the values in {source}.")
+    return problems
 
 
 def finetune_runs(finetune: dict[str, Any]) -> dict[str, dict[str, str]]:

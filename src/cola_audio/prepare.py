@@ -59,21 +59,7 @@ def build(
         for tid, row in ft.sort_index().iterrows()
     ]
     held_out = {t["track_id"] for t in finetune if t["split"] != "train"}
-    by_artists = guard["exclude_eval_artists"]  # implies the track guard: same artists
-    artists = tracks[("artist", "id")]
-    held_out_artists = set(artists[sorted(held_out)].dropna()) if by_artists else set()
-    pt = tracks[in_subset(tracks, pt_subset)].sort_index()
-    track_guard = guard["exclude_eval_from_pretrain"] or by_artists
-    by_track = {int(t) for t in pt.index if track_guard and t in held_out}
-    by_artist = {int(t) for t in pt.index if artists[t] in held_out_artists} - held_out
-    pretrain = [
-        {
-            "track_id": int(tid),
-            "audio": (root / f"fma_{pt_subset}" / fma.audio_relpath(tid)).as_posix(),
-        }
-        for tid in pt.index
-        if int(tid) not in by_track | by_artist
-    ]
+    pretrain, by_track, by_artist = pretrain_tracks(tracks, pt_subset, held_out, guard, root)
     split_counts = {s: sum(t["split"] == s for t in finetune) for s in ("train", "val", "test")}
     return {
         "labels": {"subset": ft_subset, "genres": list(labels), "ids": labels},
@@ -91,6 +77,29 @@ def build(
             "tracks": pretrain,
         },
     }
+
+
+def pretrain_tracks(
+    tracks: pd.DataFrame, subset: str, held_out: set[int], guard: dict[str, bool], root: Path
+) -> tuple[list[dict[str, Any]], set[int], set[int]]:
+    """Pure: the pretraining tracks of `subset`, less the held-out (validation/test) tracks and,
+    with `exclude_eval_artists`, every other track by their artists; and the two excluded sets."""
+    by_artists = guard["exclude_eval_artists"]  # implies the track guard: same artists
+    artists = tracks[("artist", "id")]
+    held_out_artists = set(artists[sorted(held_out)].dropna()) if by_artists else set()
+    pt = tracks[in_subset(tracks, subset)].sort_index()
+    track_guard = guard["exclude_eval_from_pretrain"] or by_artists
+    by_track = {int(t) for t in pt.index if track_guard and t in held_out}
+    by_artist = {int(t) for t in pt.index if artists[t] in held_out_artists} - held_out
+    pretrain = [
+        {
+            "track_id": int(tid),
+            "audio": (root / f"fma_{subset}" / fma.audio_relpath(tid)).as_posix(),
+        }
+        for tid in pt.index
+        if int(tid) not in by_track | by_artist
+    ]
+    return pretrain, by_track, by_artist
 
 
 def build_folder(index: pd.DataFrame) -> dict[str, Any]:

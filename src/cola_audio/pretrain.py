@@ -14,21 +14,6 @@ from cola_audio.models.encoder import save_encoder
 from cola_audio.store import FeatureStore
 
 log = logging.getLogger(__name__)
-HPARAM_KEYS = (
-    "pooling",
-    "input_norm",
-    "bn_momentum",
-    "embedding_dim",
-    "similarity",
-    "temperature",
-    "dropout",
-    "positive_noise_std",
-    "bilinear_lr_scale",
-    "lr",
-    "weight_decay",
-    "lr_schedule",
-    "warmup_steps",
-)
 
 
 def run(
@@ -61,7 +46,7 @@ def _run(
     identity = training.run_identity(
         cfg, [*FeatureStore.files(features), Path(meta_dir) / "pretrain.json"]
     )
-    model = ColaModule(**{k: cfg[k] for k in HPARAM_KEYS}, run_identity=identity)
+    model = ColaModule(**training.model_hparams(ColaModule, cfg), run_identity=identity)
     resume = training.resume_point(out_dir, identity)
     training.prepare_logs(out_dir, resume)
     _, checkpoints = training.checkpoint_callbacks(out_dir, "train_loss_epoch", "min")
@@ -70,8 +55,25 @@ def _run(
     )
     start = time.perf_counter()
     trainer.fit(model, data, ckpt_path=resume, weights_only=True)
-    wall = time.perf_counter() - start
-    summary = {
+    summary = _summary(cfg, trainer, data, identity, resume, time.perf_counter() - start)
+    if trainer.is_global_zero:
+        _export(cfg, model, Path(features), out_dir, summary)
+        training.finish(out_dir)
+        log.info("pretraining done: %s", summary)
+    return summary
+
+
+def _summary(
+    cfg: dict[str, Any],
+    trainer: Any,
+    data: PretrainData,
+    identity: str,
+    resume: Path | None,
+    wall: float,
+) -> dict[str, Any]:
+    """What summary.json records of a finished pretraining: its size, device, final metrics."""
+    assert data.dataset is not None
+    return {
         "steps": int(trainer.global_step),
         "epochs": int(trainer.current_epoch),
         "clips": len(data.dataset),
@@ -86,17 +88,19 @@ def _run(
         "run_identity": identity,
         "resumed_from": str(resume) if resume else None,
     }
-    if trainer.is_global_zero:
-        save_encoder(
-            model.encoder,
-            out_dir / "encoder.safetensors",
-            frontend=fsutil.read_json(Path(features) / "summary.json")["frontend"],
-            crop_frames=cfg["crop_frames"],
-        )
-        training.export_curve(
-            out_dir, ["train_loss_step", "train_acc_step", "global_batch"], out_dir / "curve.csv"
-        )
-        fsutil.write_json(out_dir / "summary.json", summary)
-        training.finish(out_dir)
-        log.info("pretraining done: %s", summary)
-    return summary
+
+
+def _export(
+    cfg: dict[str, Any], model: ColaModule, features: Path, out_dir: Path, summary: dict[str, Any]
+) -> None:
+    """The encoder (safetensors, with the front-end it was trained on), curve and summary."""
+    save_encoder(
+        model.encoder,
+        out_dir / "encoder.safetensors",
+        frontend=fsutil.read_json(features / "summary.json")["frontend"],
+        crop_frames=cfg["crop_frames"],
+    )
+    training.export_curve(
+        out_dir, ["train_loss_step", "train_acc_step", "global_batch"], out_dir / "curve.csv"
+    )
+    fsutil.write_json(out_dir / "summary.json", summary)

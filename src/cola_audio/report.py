@@ -321,7 +321,6 @@ def run(
     out_dir, figures, cfg = Path(out_dir), Path(out_dir) / "figures", params["report"]
     boot = {"confidence": cfg["confidence"], "n": cfg["bootstrap_resamples"], "seed": 0}
     specs = finetune_runs(params["finetune"])
-    crop = params["finetune"]["crop_frames"]
     seeds = sorted(params["finetune"]["seeds"])
     genres = meta.read(meta_dir, "labels")["genres"]
     scored = load_scored(Path(models), list(specs), seeds, genres)
@@ -340,21 +339,7 @@ def run(
     for name, s in scored.items():
         confusion = sum(stats.confusion_matrix(s.labels, p, len(genres)) for p in s.preds)
         plot_confusion(confusion.tolist(), genres, name, figures / f"confusion_{name}.png")
-    context = {
-        "source": params["data"]["source"],
-        "finetune_subset": params["data"]["finetune_subset"],
-        "pretrain_subset": params["data"]["pretrain_subset"],
-        "runs": list(specs),
-        "seeds": seeds,
-        "confidence": boot["confidence"],
-        "n_resamples": boot["n"],
-        "comparisons": diffs,
-        "pretrain_line": pretrain_line(
-            fsutil.read_json(Path(models) / "pretrain" / "summary.json")
-        ),
-        "provenance": provenance(params, Path(features), Path(models)),
-        "padded": int((pd.read_csv(Path(features) / "index.csv")["frames"] < crop).sum()),
-    }
+    context = _context(params, list(specs), seeds, boot, diffs, Path(features), Path(models))
     markdown = render_markdown(table, context)
     fsutil.write_text(out_dir / "report.md", markdown)
     fsutil.write_text(out_dir / "report.html", render_html(markdown, figures))
@@ -370,6 +355,32 @@ def run(
     fsutil.write_json(out_dir / "metrics.json", headline_metrics(diffs))
     log.info("report written to %s", out_dir / "report.html")
     return markdown
+
+
+def _context(
+    params: dict[str, Any],
+    runs: list[str],
+    seeds: list[int],
+    boot: dict[str, Any],
+    diffs: list[dict[str, Any]],
+    features: Path,
+    models: Path,
+) -> dict[str, Any]:
+    """What the report's templates read besides the results table."""
+    crop = params["finetune"]["crop_frames"]
+    return {
+        "source": params["data"]["source"],
+        "finetune_subset": params["data"]["finetune_subset"],
+        "pretrain_subset": params["data"]["pretrain_subset"],
+        "runs": runs,
+        "seeds": seeds,
+        "confidence": boot["confidence"],
+        "n_resamples": boot["n"],
+        "comparisons": diffs,
+        "pretrain_line": pretrain_line(fsutil.read_json(models / "pretrain" / "summary.json")),
+        "provenance": provenance(params, features, models),
+        "padded": int((pd.read_csv(features / "index.csv")["frames"] < crop).sum()),
+    }
 
 
 def pretrain_line(pre: dict[str, Any]) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from cola_audio import fsutil
 from cola_audio.fma import SUBSET_ORDER, audio_relpath
+from cola_audio.pools import process_pool
 
 # Real FMA genre ids (genres.csv of the release): the eight fma_small roots, a few children each,
 # and two roots that only occur beyond fma_small.
@@ -205,7 +205,11 @@ FAULTS = ("empty", "id3_only", "truncated", "too_short")
 def synth_clip(
     signature: Signature, seconds: float, sr: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """Render one mono clip of a genre signature at `sr`, peak-normalised to 0.9."""
+    """Render one mono clip of a genre signature at `sr`, peak-normalised to 0.9.
+
+    Long on purpose, like plan_dataset: the clip's samples follow from one sequence of draws
+    from `rng`, read top to bottom here.
+    """
     n = int(seconds * sr)
     t = np.arange(n) / sr
     out = np.zeros(n, dtype=np.float64)
@@ -327,7 +331,12 @@ def _assign_splits(
 
 
 def plan_dataset(cfg: dict[str, Any]) -> tuple[pd.DataFrame, list[TrackPlan]]:
-    """Pure: the tracks table (release schema, flat columns) and the audio plan for every track."""
+    """Pure: the tracks table (release schema) and the audio plan for every track.
+
+    Long on purpose: every random draw of the dataset happens here in one sequence, top to
+    bottom, and that order fixes the dataset's bytes; cut into pieces, the order would be spread
+    over several functions and easy to disturb by accident.
+    """
     seed = cfg["seed"]
     rng = np.random.default_rng(seed)
     per_genre = cfg["small_tracks_per_genre"]
@@ -400,34 +409,43 @@ def plan_dataset(cfg: dict[str, Any]) -> tuple[pd.DataFrame, list[TrackPlan]]:
         add(genre, split, subset, artist_id, genre_ids, top)
 
     if cfg["faulty_files"]:
-        small_train = [
-            i
-            for i, r in enumerate(rows)
-            if r[("set", "subset")] == "small" and r[("set", "split")] == "training"
-        ]
-        small_val = [
-            i
-            for i, r in enumerate(rows)
-            if r[("set", "subset")] == "small" and r[("set", "split")] == "validation"
-        ]
-        large_only = [i for i, r in enumerate(rows) if r[("set", "subset")] != "small"]
-        picks = {
-            "empty": small_train[0],
-            "id3_only": small_train[len(small_train) // 2],
-            "truncated": small_val[0],
-            "too_short": large_only[0] if large_only else small_train[-1],
-        }
-        for fault, i in picks.items():
-            p = plans[i]
-            plans[i] = TrackPlan(p.track_id, p.genre, p.seconds, p.sr, p.channels, fault, p.seed)
+        plans = _plant_faults(rows, plans)
+    plans = sorted(plans, key=lambda p: p.track_id)
+    return _tracks_table(rows), plans
 
+
+def _plant_faults(rows: list[dict[str, Any]], plans: list[TrackPlan]) -> list[TrackPlan]:
+    """Pure: the plans with one clip of each fault the featurizer must skip (no random draw)."""
+    small_train = [
+        i
+        for i, r in enumerate(rows)
+        if r[("set", "subset")] == "small" and r[("set", "split")] == "training"
+    ]
+    small_val = [
+        i
+        for i, r in enumerate(rows)
+        if r[("set", "subset")] == "small" and r[("set", "split")] == "validation"
+    ]
+    large_only = [i for i, r in enumerate(rows) if r[("set", "subset")] != "small"]
+    picks = {
+        "empty": small_train[0],
+        "id3_only": small_train[len(small_train) // 2],
+        "truncated": small_val[0],
+        "too_short": large_only[0] if large_only else small_train[-1],
+    }
+    plans = list(plans)
+    for fault, i in picks.items():
+        p = plans[i]
+        plans[i] = TrackPlan(p.track_id, p.genre, p.seconds, p.sr, p.channels, fault, p.seed)
+    return plans
+
+
+def _tracks_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Pure: the release's tracks table (two-level columns), sorted by track id."""
     table = pd.DataFrame(rows).set_index(("track_id", ""))
     table.columns = pd.MultiIndex.from_tuples(table.columns)
     table.index.name = "track_id"
-    order = np.argsort(table.index.to_numpy())
-    table = table.iloc[order]
-    plans = sorted(plans, key=lambda p: p.track_id)
-    return table, plans
+    return table.iloc[np.argsort(table.index.to_numpy())]
 
 
 def genres_table(tracks: pd.DataFrame) -> pd.DataFrame:
@@ -459,6 +477,19 @@ def _checksums_text(entries: dict[str, str]) -> str:
     return "".join(f"{digest}  {name}\n" for name, digest in sorted(entries.items()))
 
 
+def write_metadata(tracks: pd.DataFrame, meta_dir: Path) -> None:
+    """fma_metadata/: tracks.csv, genres.csv and their checksums, as the release has them."""
+    tracks_csv = tracks.to_csv(lineterminator="\n")
+    genres_csv = genres_table(tracks).to_csv(index=False, lineterminator="\n")
+    fsutil.write_text(meta_dir / "tracks.csv", tracks_csv)
+    fsutil.write_text(meta_dir / "genres.csv", genres_csv)
+    sums = {
+        "tracks.csv": sha1_bytes(tracks_csv.encode()),
+        "genres.csv": sha1_bytes(genres_csv.encode()),
+    }
+    fsutil.write_text(meta_dir / "checksums", _checksums_text(sums))
+
+
 def generate(
     cfg: dict[str, Any], root: Path, subsets: list[str], workers: int = 0
 ) -> dict[str, int]:
@@ -468,20 +499,7 @@ def generate(
     """
     root = Path(root)
     tracks, plans = plan_dataset(cfg)
-    meta_dir = root / "fma_metadata"
-    tracks_csv = tracks.to_csv(lineterminator="\n")
-    genres_csv = genres_table(tracks).to_csv(index=False, lineterminator="\n")
-    fsutil.write_text(meta_dir / "tracks.csv", tracks_csv)
-    fsutil.write_text(meta_dir / "genres.csv", genres_csv)
-    fsutil.write_text(
-        meta_dir / "checksums",
-        _checksums_text(
-            {
-                "tracks.csv": sha1_bytes(tracks_csv.encode()),
-                "genres.csv": sha1_bytes(genres_csv.encode()),
-            }
-        ),
-    )
+    write_metadata(tracks, root / "fma_metadata")
     rank = {name: i for i, name in enumerate(SUBSET_ORDER)}
     track_rank = {int(t): rank[s] for t, s in tracks[("set", "subset")].items()}
     folders = {f"fma_{s}": rank[s] for s in sorted(set(subsets), key=rank.__getitem__)}
@@ -489,7 +507,7 @@ def generate(
         shutil.rmtree(root / folder, ignore_errors=True)
     sums: dict[str, dict[str, str]] = {folder: {} for folder in folders}
     n_workers = workers or None
-    with ProcessPoolExecutor(n_workers, initializer=fsutil.one_thread_per_process) as pool:
+    with process_pool(n_workers) as pool:
         blobs = pool.map(render_track, plans, chunksize=4)
         for plan, data in tqdm(
             zip(plans, blobs, strict=True),

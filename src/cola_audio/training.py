@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import inspect
 import itertools
 import json
 import logging
@@ -56,6 +57,13 @@ def adam_with_schedule(module: pl.LightningModule, params: Any, lr: float) -> di
         opt, lr_lambda(hp.lr_schedule, hp.warmup_steps, total)
     )
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def model_hparams(model_class: type, section: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a params section that `model_class`'s constructor takes, with their values:
+    the hyperparameter list is the constructor's signature, written nowhere else."""
+    names = inspect.signature(model_class.__init__).parameters
+    return {k: section[k] for k in names if k in section}
 
 
 def resolve_precision(trainer_cfg: dict[str, Any]) -> str:
