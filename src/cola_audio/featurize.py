@@ -1,7 +1,7 @@
 """`cola featurize`: the log-mel feature store under data/features/.
 
-FMA-large has 106,574 clips; one file per clip chokes DVC and Snakemake, so clips go to a fixed
-number of shards (track t → shard t % n_shards), each one float16 .npy of stacked frames plus a JSON
+FMA-large has 106,574 clips; one file per clip chokes DVC and Snakemake, so clips go to the shards
+of features.shards (track t → shard t mod n), each one float16 .npy of stacked frames plus a JSON
 index (track id, offset, frames). Shards are independent jobs for the orchestrator; `--gather`
 joins their indexes and enforces the skipped-clip threshold. A shard's JSON is written last and
 atomically, so a killed job never leaves a shard that looks complete.

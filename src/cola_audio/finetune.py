@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,60 +40,52 @@ def run(
     """Wire data and model, fit (resuming only the same interrupted run), test the checkpoint
     with the best validation accuracy, write metrics, predictions and the curve."""
     cfg = params["finetune"]
-    spec = _run_spec(cfg, run_name, seed)
-    out = run_dir(out_dir, run_name, seed)
-    with training.exclusive(out):
-        return _run(
-            cfg,
-            spec,
-            run_name,
-            seed,
-            features,
-            meta_dir,
-            encoder,
-            out,
-            callbacks,
-            trainer_overrides,
-        )
-
-
-def _run(
-    cfg: dict[str, Any],
-    spec: dict[str, str],
-    run_name: str,
-    seed: int,
-    features: Path,
-    meta_dir: Path,
-    encoder: Path,
-    out: Path,
-    callbacks: list | None,
-    trainer_overrides: dict[str, Any],
-) -> dict[str, Any]:
-    """Wire data and model → fit → test the checkpoint validation selected → write."""
-    data, model, identity = _wire(cfg, spec, run_name, seed, features, meta_dir, encoder)
-    trainer, best_cb = _fit(
+    job = Job(
         cfg,
-        spec,
+        _run_spec(cfg, run_name, seed),
+        run_name,
         seed,
-        data,
-        model,
-        training.resume_point(out, identity),
-        out,
-        callbacks,
-        trainer_overrides,
+        Path(features),
+        Path(meta_dir),
+        Path(encoder),
+        run_dir(out_dir, run_name, seed),
     )
-    best = _load_best(out, best_cb, cfg["max_steps"], run_name)
+    with training.exclusive(job.out):
+        return _run(job, callbacks, trainer_overrides)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run × seed: its params section, how it starts (init, mode), and where it reads and
+    writes."""
+
+    cfg: dict[str, Any]
+    spec: dict[str, str]
+    run_name: str
+    seed: int
+    features: Path
+    meta_dir: Path
+    encoder: Path
+    out: Path
+
+
+def _run(job: Job, callbacks: list | None, trainer_overrides: dict[str, Any]) -> dict[str, Any]:
+    """Wire data and model → fit → test the checkpoint validation selected → write."""
+    data, model, identity = _wire(job)
+    resume = training.resume_point(job.out, identity)
+    trainer, best_cb = _fit(job, data, model, resume, callbacks, trainer_overrides)
+    best = _load_best(job.out, best_cb, job.cfg["max_steps"], job.run_name)
     model.load_state_dict(best["state_dict"], strict=True)
     trainer.test(model, datamodule=data, verbose=False)
     outputs = {k: v.numpy() for k, v in model.test_outputs.items()}
-    metrics = _metrics(run_name, spec, seed, data, outputs, best, best_cb, trainer, identity)
+    metrics = _metrics(job, data, outputs, best, best_cb, trainer, identity)
     if trainer.is_global_zero:
-        _write_outputs(out, metrics, outputs, data.genres)
-        training.finish(out)
+        _write_outputs(job.out, metrics, outputs, data.genres)
+        training.finish(job.out)
         log.info(
             "%s seed %d: test accuracy %.3f, macro-F1 %.3f on %d clips (selected epoch %d)",
-            run_name,
-            seed,
+            job.run_name,
+            job.seed,
             metrics["accuracy"],
             metrics["macro_f1"],
             metrics["n_test"],
@@ -102,9 +95,7 @@ def _run(
 
 
 def _metrics(
-    run_name: str,
-    spec: dict[str, str],
-    seed: int,
+    job: Job,
     data: GenreData,
     outputs: dict[str, np.ndarray],
     best: dict[str, Any],
@@ -115,9 +106,9 @@ def _metrics(
     """metrics.json: test scores of the selected checkpoint, what was selected, and from what."""
     return {
         **scalar_metrics(classification_metrics(outputs["labels"], outputs["preds"], data.genres)),
-        "run": run_name,
-        **spec,
-        "seed": seed,
+        "run": job.run_name,
+        **job.spec,
+        "seed": job.seed,
         "n_test": int(len(outputs["labels"])),
         "n_test_skipped": data.missing["test"],
         "n_train": len(data.splits["train"]),
@@ -129,35 +120,28 @@ def _metrics(
     }
 
 
-def _wire(
-    cfg: dict[str, Any],
-    spec: dict[str, str],
-    run_name: str,
-    seed: int,
-    features: Path,
-    meta_dir: Path,
-    encoder: Path,
-) -> tuple[GenreData, GenreClassifier, str]:
+def _wire(job: Job) -> tuple[GenreData, GenreClassifier, str]:
     """The seeded data module, the model (with the pretrained encoder's weights where the run
     starts from it) and the run's identity over its params, inputs and code."""
-    training.seed_everything(seed)
+    cfg, spec = job.cfg, job.spec
+    training.seed_everything(job.seed)
     data = GenreData(
-        features,
-        meta_dir,
+        job.features,
+        job.meta_dir,
         cfg["crop_frames"],
         cfg["batch_size"],
         cfg["eval_batch_size"],
         cfg["num_workers"],
-        seed,
+        job.seed,
     )
     data.setup()
-    inputs = [*FeatureStore.files(features), Path(meta_dir) / "finetune.json"]
+    inputs = [*FeatureStore.files(job.features), job.meta_dir / "finetune.json"]
     if spec["init"] == "pretrained":
-        if not Path(encoder).is_file():
-            raise MissingInput(f"{encoder}: no pretrained encoder; run `cola pretrain` first")
-        inputs.append(Path(encoder))
+        if not job.encoder.is_file():
+            raise MissingInput(f"{job.encoder}: no pretrained encoder; run `cola pretrain` first")
+        inputs.append(job.encoder)
     identity = training.run_identity(
-        cfg, inputs, ignore=("seeds", "runs"), run=run_name, seed=seed, **spec
+        cfg, inputs, ignore=("seeds", "runs"), run=job.run_name, seed=job.seed, **spec
     )
     model = GenreClassifier(
         n_classes=len(data.genres),
@@ -166,31 +150,29 @@ def _wire(
         run_identity=identity,
     )
     if spec["init"] == "pretrained":
-        load_encoder_weights(model.encoder, encoder)
+        load_encoder_weights(model.encoder, job.encoder)
     return data, model, identity
 
 
 def _fit(
-    cfg: dict[str, Any],
-    spec: dict[str, str],
-    seed: int,
+    job: Job,
     data: GenreData,
     model: GenreClassifier,
     resume: Path | None,
-    out: Path,
     callbacks: list | None,
     trainer_overrides: dict[str, Any],
 ) -> tuple[Any, Any]:
     """Train (continuing `resume`, the same run's last epoch end, if any); returns the trainer
     and the callback that tracked the best validation accuracy."""
-    if resume is None and spec == {"init": "scratch", "mode": "linear"}:
+    cfg = job.cfg
+    if resume is None and job.spec == {"init": "scratch", "mode": "linear"}:
         model.calibrate_frozen_encoder(data.train_dataloader(), cfg["precise_bn_batches"])
-    training.prepare_logs(out, resume)
-    best_cb, checkpoints = training.checkpoint_callbacks(out, "val_acc", "max")
+    training.prepare_logs(job.out, resume)
+    best_cb, checkpoints = training.checkpoint_callbacks(job.out, "val_acc", "max")
     trainer = training.make_trainer(
         cfg,
-        out,
-        seed,
+        job.out,
+        job.seed,
         [*checkpoints, *(callbacks or [])],
         **{"check_val_every_n_epoch": cfg["val_every_n_epochs"], **trainer_overrides},
     )

@@ -412,8 +412,7 @@ def provenance(params: dict[str, Any], features: Path, models: Path) -> dict[str
     }
     tracked = [
         features / "index.csv",
-        # the shards the summary lists, not whatever lies in the folder (a smaller n_shards leaves
-        # the old higher-numbered files behind)
+        # the shards summary.json lists, not whatever lies in the folder
         *(p for p in FeatureStore.files(features) if p.suffix == ".npy"),
         models / "pretrain" / "encoder.safetensors",
     ]
