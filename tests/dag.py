@@ -22,14 +22,29 @@ def _cwd(path: Path):
         os.chdir(old)
 
 
+@contextlib.contextmanager
+def _env(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def snakemake_stages(repo: Path) -> dict[str, Stage]:
     """Each job of `snakemake --forceall`: rule@wildcard, command, inputs, outputs, params."""
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import DAGSettings, OutputSettings, ResourceSettings
 
     stages: dict[str, Stage] = {}
-    os.environ["COLA_DVC_SYNC"] = "off"  # reading the DAG must not sync the checkout with DVC
-    with _cwd(repo), SnakemakeApi(OutputSettings(quiet={"all"})) as api:
+    # Reading the DAG must not sync the checkout with DVC; the variable is put back afterwards
+    # (left set, it silently switched the sync off in every later test's Snakemake).
+    with _cwd(repo), _env(COLA_DVC_SYNC="off"), SnakemakeApi(OutputSettings(quiet={"all"})) as api:
         wf_api = api.workflow(
             resource_settings=ResourceSettings(cores=1),
             snakefile=Path("Snakefile"),
