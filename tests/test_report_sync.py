@@ -233,13 +233,13 @@ def test_a_param_edit_alone_restores_but_leaves_snakemakes_records_alone(
         (tmp_path / name).write_text(name)
     sync.write_stamp(tmp_path, [])
     calls = []
-    monkeypatch.setattr(sync, "run", lambda repo, adopt_rules: calls.append(adopt_rules))
+    monkeypatch.setattr(sync, "run", lambda source, repo, adopt_rules: calls.append(adopt_rules))
     monkeypatch.delenv("COLA_DVC_SYNC", raising=False)
-    sync.at_snakemake_start(tmp_path)
+    sync.at_snakemake_start("synthetic", tmp_path)
     assert calls == []  # nothing changed: milliseconds, no DVC
     (tmp_path / edit).write_text("edited")
-    sync.at_snakemake_start(tmp_path)
+    sync.at_snakemake_start("synthetic", tmp_path)
     assert calls == [adopts]
     monkeypatch.setenv("COLA_DVC_SYNC", "off")
-    sync.at_snakemake_start(tmp_path)
+    sync.at_snakemake_start("synthetic", tmp_path)
     assert calls == [adopts]

@@ -79,7 +79,7 @@ def _sync_dvc(args: argparse.Namespace, params: dict) -> None:
     why_not = sync.blocked(Path("."))
     if why_not is not None:
         raise InputError(f"cola sync-dvc: not run: {why_not}")
-    sync.run()
+    sync.run(params["data"]["source"])
 
 
 def _dvc_commit(args: argparse.Namespace, params: dict) -> None:

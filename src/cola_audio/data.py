@@ -26,9 +26,14 @@ from cola_audio.store import FeatureStore
 log = logging.getLogger(__name__)
 
 
+def derived_seed(*key: int) -> int:
+    """Pure: a seed for the stream named by `key` (run seed, epoch, …), independent of others."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """Pure: the seed of one epoch's random streams (crops, order, dropout), from the run's seed."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+    return derived_seed(seed, epoch)
 
 
 def random_starts(
@@ -192,8 +197,7 @@ def crop_seed(seed: int, rank: int, worker: int | None) -> int:
     """Pure: the crop stream's seed for one process (DDP rank) and loader worker (None: none).
     The sample order stays one per epoch for all ranks (their shards of it must not overlap);
     the crops differ per rank and worker."""
-    key = [seed, rank] if worker is None else [seed, rank, worker]
-    return int(np.random.SeedSequence(key).generate_state(1)[0])
+    return derived_seed(seed, rank) if worker is None else derived_seed(seed, rank, worker)
 
 
 def _seed_worker_crops(seed: int, rank: int, worker_id: int) -> None:

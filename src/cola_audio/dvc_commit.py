@@ -48,11 +48,7 @@ def restore(times: dict[Path, int]) -> None:
 
 def up_to_date_outputs(summary: str) -> set[str]:
     """Pure: outputs `snakemake --summary` (tab-separated, header row) plans no update for."""
-    rows = [line.split("\t") for line in summary.splitlines() if line.strip()]
-    if not rows:
-        return set()
-    plan = rows[0].index("plan")
-    return {row[0] for row in rows[1:] if len(row) > plan and row[plan] == "no update"}
+    return {out for out, plan in sync.summary_plans(summary).items() if plan == "no update"}
 
 
 def vouched_stages(stage_outs: dict[str, list[str]], up_to_date: set[str]) -> list[str]:
@@ -65,14 +61,7 @@ def run(repo: Path = Path(".")) -> int:
     (`cola sync-dvc`), also stamp the state: both tools agree on it, so the next start has
     nothing to take in from DVC."""
     dag = sync.pipeline(repo)
-    summary = subprocess.run(
-        [*sync.SNAKEMAKE, "--summary", "--nolock", "--cores", "1"],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        check=True,
-        env=sync.NESTED,
-    ).stdout
+    summary = sync.snakemake_report(repo, "--summary").stdout
     stages = vouched_stages(dag.outs, up_to_date_outputs(summary))
     skipped = sorted(set(dag.outs) - set(stages))
     if skipped:

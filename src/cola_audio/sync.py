@@ -44,7 +44,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cola_audio import fsutil, params
+from cola_audio import fsutil
 
 
 def say(message: str) -> None:
@@ -100,23 +100,27 @@ def needed(repo: Path) -> str | None:
     return "plan" if now["plan"] != stamp.get("plan") else None
 
 
+SWITCHED_OFF, NO_DVC = "COLA_DVC_SYNC=off", "no DVC pipeline here"  # nothing to say at a start
+
+
 def blocked(repo: Path) -> str | None:
     """Why no sync may run here now, or None."""
     if os.environ.get("COLA_DVC_SYNC") == "off":
-        return "COLA_DVC_SYNC=off"
+        return SWITCHED_OFF
     if not (repo / ".dvc").is_dir() or not (repo / "dvc.lock").is_file():
-        return "no DVC pipeline here"
+        return NO_DVC
     if any((repo / ".snakemake" / "locks").glob("*")):
         return "another Snakemake holds this folder (if none runs: `snakemake --unlock`)"
     return None
 
 
-def at_snakemake_start(repo: Path = Path(".")) -> None:
-    """The Snakefile's hook: sync when DVC is in use here and something changed since last time."""
+def at_snakemake_start(data_source: str, repo: Path = Path(".")) -> None:
+    """The Snakefile's hook: sync when DVC is in use here and something changed since last time.
+    `data_source` is data.source from the config Snakemake already read and validated."""
     repo = Path(repo)
     why_not = blocked(repo)
     if why_not is not None:
-        if not why_not.startswith(("COLA_DVC_SYNC", "no DVC")):
+        if why_not not in (SWITCHED_OFF, NO_DVC):
             say(f"skipped: {why_not}")
         return
     reason = needed(repo)
@@ -124,7 +128,7 @@ def at_snakemake_start(repo: Path = Path(".")) -> None:
         from dvc.lock import LockError
 
         try:
-            run(repo, adopt_rules=reason != "plan")
+            run(data_source, repo, adopt_rules=reason != "plan")
         except (LockError, subprocess.CalledProcessError) as exc:
             say(
                 f"skipped ({exc}); Snakemake goes on with its own records and the next start "
@@ -229,25 +233,33 @@ def restore_from_cache(repo: Path, skip: set[str]) -> tuple[list[str], set[str],
     return restored, changed, dag
 
 
+def snakemake_report(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """A read-only Snakemake call (`--summary`, `-n`) on `repo`, which must not sync in turn."""
+    return subprocess.run(
+        [*SNAKEMAKE, *args, "--nolock", "--cores", "1"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=NESTED,
+    )
+
+
+def summary_plans(summary: str) -> dict[str, str]:
+    """Pure: each output `snakemake --summary` lists (tab-separated, header row) → its plan."""
+    rows = [line.split("\t") for line in summary.splitlines() if line.strip()]
+    if not rows:
+        return {}
+    plan = rows[0].index("plan")
+    return {row[0]: row[plan] for row in rows[1:] if len(row) > plan}
+
+
 def snakemake_view(repo: Path) -> tuple[set[str], set[str]]:
     """(outputs Snakemake plans to update, rules with missing metadata), from its own reports."""
-    from cola_audio.dvc_commit import up_to_date_outputs
-
-    def call(*args: str) -> str:
-        done = subprocess.run(
-            [*SNAKEMAKE, *args, "--nolock", "--cores", "1"],
-            cwd=repo,
-            capture_output=True,
-            text=True,
-            check=True,
-            env=NESTED,
-        )
-        return done.stdout + done.stderr
-
-    summary = call("--summary")
-    rows = [line.split("\t")[0] for line in summary.splitlines()[1:] if "\t" in line]
-    stale = set(rows) - up_to_date_outputs(summary)
-    found = re.search(r"^Rules with missing metadata: (.+)$", call("-n"), re.M)
+    plans = summary_plans(snakemake_report(repo, "--summary").stdout)
+    stale = {out for out, plan in plans.items() if plan != "no update"}
+    dry = snakemake_report(repo, "-n")
+    found = re.search(r"^Rules with missing metadata: (.+)$", dry.stdout + dry.stderr, re.M)
     return stale, set(found.group(1).split()) if found else set()
 
 
@@ -283,13 +295,11 @@ def adopt(repo: Path, dag: Pipeline, changed: set[str]) -> list[str]:
     return files
 
 
-def run(repo: Path = Path("."), adopt_rules: bool = True) -> dict[str, Any]:
+def run(data_source: str, repo: Path = Path("."), adopt_rules: bool = True) -> dict[str, Any]:
     """Restore, then adopt (unless only params.yaml or dvc.yaml changed and nothing was
     restored: Snakemake's records are then still its own), then stamp."""
     repo = Path(repo)
-    skip = (
-        {"download"} if params.load(repo / "params.yaml")["data"]["source"] == "folder" else set()
-    )
+    skip = {"download"} if data_source == "folder" else set()
     restored, changed, dag = restore_from_cache(repo, skip)
     if restored:
         say(f"restored from DVC's cache, nothing retrained: {', '.join(restored)}")

@@ -21,7 +21,7 @@ validate(config, schema="../schemas/params.schema.yaml")
 if workflow.is_main_process:
     # Take in what DVC did since the last run (restore from its cache, adopt what it verified)
     # before Snakemake plans; milliseconds when nothing changed (src/cola_audio/sync.py).
-    sync_with_dvc()
+    sync_with_dvc(config["data"]["source"])
 
 SRC = "src/cola_audio"
 SHARDS = [str(k) for k in config["features"]["shards"]]
