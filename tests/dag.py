@@ -1,76 +1,53 @@
-"""Both orchestrators' views of the pipeline as plain data, for the drift test and the e2e tests."""
+"""Both orchestrators' views of the pipeline as plain data, for the parity and drift tests."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import json
 import os
 import re
+import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
 Stage = dict[str, Any]
-
-
-@contextlib.contextmanager
-def _cwd(path: Path):
-    old = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
-@contextlib.contextmanager
-def _env(**values: str):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+PLUGINS = Path(__file__).parent / "snakemake_plugins"
 
 
 def snakemake_stages(repo: Path) -> dict[str, Stage]:
-    """Each job of `snakemake --forceall`: rule@wildcard, command, inputs, outputs, params."""
-    from snakemake.api import SnakemakeApi
-    from snakemake.settings.types import DAGSettings, OutputSettings, ResourceSettings
+    """Each job of `snakemake --forceall`: rule@wildcard, command, inputs, outputs, params.
+
+    Read through Snakemake's public plugin interface: a dry run with the test executor
+    `record-jobs` (tests/snakemake_plugins), which writes every job it is handed as a JSON line.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        record = Path(tmp) / "jobs.jsonl"
+        env = {
+            **os.environ,
+            "COLA_RECORD_JOBS": str(record),
+            "COLA_DVC_SYNC": "off",  # reading the DAG must not sync the checkout with DVC
+            "PYTHONPATH": os.pathsep.join(p for p in [str(PLUGINS), os.getenv("PYTHONPATH")] if p),
+        }
+        cmd = ["snakemake", "--executor", "record-jobs", "--forceall", "--quiet", "all"]
+        done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}{done.stderr}"
+        jobs = [json.loads(line) for line in record.read_text().splitlines()]
 
     stages: dict[str, Stage] = {}
-    # Reading the DAG must not sync the checkout with DVC; the variable is put back afterwards
-    # (left set, it silently switched the sync off in every later test's Snakemake).
-    with _cwd(repo), _env(COLA_DVC_SYNC="off"), SnakemakeApi(OutputSettings(quiet={"all"})) as api:
-        wf_api = api.workflow(
-            resource_settings=ResourceSettings(cores=1),
-            snakefile=Path("Snakefile"),
-            workdir=Path("."),
-        )
-        dag_api = wf_api.dag(dag_settings=DAGSettings(forceall=True))
-        wf = wf_api._workflow  # the public API prints DAGs but does not return them
-        wf.dag_settings = dag_api.dag_settings
-        wf._prepare_dag(forceall=True, ignore_incomplete=True, lock_warn_only=True, nolock=True)
-        built = wf._build_dag()
-        if asyncio.iscoroutine(built):
-            asyncio.run(built)
-        for job in wf.dag.jobs:
-            if job.rule.name == "all":
-                continue
-            wildcards = list(dict(job.wildcards).values())
-            # DVC names a matrix stage's instances by its values joined with "-"
-            name = job.rule.name + (f"@{'-'.join(wildcards)}" if wildcards else "")
-            stages[name] = {
-                "cmd": re.sub(r"\s*>\s*\S+\s+2>&1$", "", job.shellcmd.strip()),
-                "deps": sorted(str(f) for f in job.input),
-                "outs": sorted(str(f) for f in job.output),
-                # folder_files: the fingerprint of audio outside the repository, which DVC cannot
-                # watch (README: `dvc repro -f download` after editing that folder).
-                "params": sorted(k for k in job.params.keys() if k != "folder_files"),  # noqa: SIM118 (a Namedlist iterates values)
-            }
+    for job in jobs:
+        if job["rule"] == "all":
+            continue
+        wildcards = list(job["wildcards"].values())
+        # DVC names a matrix stage's instances by its values joined with "-"
+        name = job["rule"] + (f"@{'-'.join(wildcards)}" if wildcards else "")
+        stages[name] = {
+            "cmd": re.sub(r"\s*>\s*\S+\s+2>&1$", "", job["shellcmd"].strip()),
+            "deps": sorted(job["input"]),
+            "outs": sorted(job["output"]),
+            # folder_files: the fingerprint of audio outside the repository, which DVC cannot
+            # watch (README: `dvc repro -f download` after editing that folder).
+            "params": sorted(k for k in job["params"] if k != "folder_files"),
+        }
     return stages
 
 
