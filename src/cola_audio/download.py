@@ -23,7 +23,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from cola_audio import fma, folder, fsutil, synthetic
+from cola_audio import digest, fma, folder, fsutil, synthetic
 from cola_audio.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def fetch(
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
-        if fsutil.file_digest(dest, "sha1") == sha1:
+        if digest.file_digest(dest, "sha1") == sha1:
             log.info("%s: already present and verified", dest)
             return dest
         aside = _move_aside(dest, "sha1-mismatch")
@@ -114,7 +114,7 @@ def fetch(
             "%s: %s; retrying in %.1f s (attempt %d/%d)", url, error, wait, attempt + 1, retries
         )
         time.sleep(wait)
-    got = fsutil.file_digest(part, "sha1")
+    got = digest.file_digest(part, "sha1")
     if got != sha1:
         aside = _move_aside(part, "sha1-mismatch")
         raise ChecksumError(
@@ -190,11 +190,11 @@ def verify_folder(folder: Path, label: str | None = None) -> int:
         raise DownloadError(f"{label}: no `checksums` file inside; cannot verify the extraction")
     sums = fma.read_checksums(sums_path)
     bad = []
-    for rel, digest in sorted(sums.items()):
+    for rel, expected in sorted(sums.items()):
         path = folder / rel
         if not path.is_file():
             bad.append(f"{rel} (missing)")
-        elif fsutil.file_digest(path, "sha1") != digest:
+        elif digest.file_digest(path, "sha1") != expected:
             bad.append(f"{rel} (SHA1 mismatch)")
     if bad:
         shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")

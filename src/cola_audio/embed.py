@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from cola_audio import fsutil
+from cola_audio import digest, fsutil
 from cola_audio.data import clip_windows, window_starts
 from cola_audio.errors import BadInput, MissingInput
 from cola_audio.featurize import check_audio
@@ -54,7 +54,7 @@ class Embedder:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         encoder.eval().to(device)
         crop = int(meta.get("crop_frames", 98))
-        return cls(encoder, frontend, crop, fsutil.file_digest(path, "md5"))
+        return cls(encoder, frontend, crop, digest.file_digest(path, "md5"))
 
     @property
     def device(self) -> torch.device:
@@ -110,7 +110,7 @@ def audio_files(paths: Iterable[str | Path]) -> list[Path]:
 
 def embed_file(embedder: Embedder, path: Path, windows: bool, batch_size: int) -> list[dict]:
     """Rows for one decodable file: one per clip (mean and max over its windows) or per window."""
-    sha1 = fsutil.file_digest(path, "sha1")  # before decoding: the bytes the vectors come from
+    sha1 = digest.file_digest(path, "sha1")  # before decoding: the bytes the vectors come from
     checked = check_audio(path, DECODE_CHECKS)
     if isinstance(checked, str):
         raise BadInput(checked)

@@ -26,7 +26,7 @@ import soundfile as sf
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from cola_audio import fsutil, meta
+from cola_audio import digest, fsutil, meta
 from cola_audio.errors import BadInput, InputError, MissingInput
 from cola_audio.frontend import FrontEnd
 from cola_audio.pools import process_pool
@@ -111,7 +111,7 @@ def featurize_file(
 ) -> Decoded:
     """Decode and featurize one clip, turning every failure into a recorded reason. `sha1`: what
     the file hashed to when `cola download` indexed it (audio outside data/raw can change)."""
-    if sha1 and Path(path).is_file() and fsutil.file_digest(path, "sha1") != sha1:
+    if sha1 and Path(path).is_file() and digest.file_digest(path, "sha1") != sha1:
         return Decoded(track_id, None, "changed since `cola download` indexed it; rerun download")
     checked = check_audio(Path(path), features)
     if isinstance(checked, str):

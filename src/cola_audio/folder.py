@@ -11,7 +11,6 @@ the folder source runs offline.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 import pandas as pd
 import soundfile as sf
 
-from cola_audio import fsutil
+from cola_audio import digest, fsutil
 from cola_audio.errors import BadInput, MissingInput
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au")
@@ -156,7 +155,7 @@ def index(cfg: dict[str, Any], raw_dir: Path) -> pd.DataFrame:
             raise BadInput(f"{cfg['labels_csv']}: give a split for every row or for none")
         table["split"] = assign_splits(table, cfg)
     check_splits(table, cfg["labels_csv"] or str(root))
-    table["sha1"] = [fsutil.file_digest(p, "sha1") for p in table["path"]]
+    table["sha1"] = [digest.file_digest(p, "sha1") for p in table["path"]]
     if cfg["unlabelled_path"]:
         table = pd.concat(
             [table, unlabelled(Path(cfg["unlabelled_path"]), table)], ignore_index=True
@@ -174,7 +173,7 @@ def unlabelled(folder: Path, labelled: pd.DataFrame) -> pd.DataFrame:
         raise MissingInput(f"{folder}: data.folder.unlabelled_path is not a folder")
     paths = [p.as_posix() for p in audio_under(folder)]
     rows = pd.DataFrame({"path": paths, "label": "", "split": "unlabelled", "group": paths})
-    rows["sha1"] = [fsutil.file_digest(p, "sha1") for p in rows["path"]]
+    rows["sha1"] = [digest.file_digest(p, "sha1") for p in rows["path"]]
     known = rows["path"].isin(labelled["path"]) | rows["sha1"].isin(labelled["sha1"])
     return rows[~known]
 
@@ -190,13 +189,13 @@ def listing(cfg: dict[str, Any]) -> str:
         Path(cfg["path"]),
         *(Path(p) for p in (cfg["labels_csv"], cfg["unlabelled_path"]) if p),
     ]
-    digest = hashlib.sha1()
+    rows = []
     for root in paths:
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
         for path in files:
             st = path.stat()
-            digest.update(f"{path.as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+            rows.append([path.as_posix(), st.st_size, st.st_mtime_ns])
+    return digest.json_digest(rows)
 
 
 def read_index(raw_dir: Path) -> pd.DataFrame:

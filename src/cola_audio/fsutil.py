@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import tempfile
@@ -31,12 +30,6 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
-
-
-def file_digest(path: str | Path, algorithm: str) -> str:
-    """Hex digest of a file's bytes (sha1 for FMA's checksums, md5 as DVC records outputs)."""
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, algorithm).hexdigest()
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

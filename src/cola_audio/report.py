@@ -8,7 +8,6 @@ it came from.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import subprocess
@@ -25,7 +24,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from markdown_it import MarkdownIt  # noqa: E402
 
-from cola_audio import fsutil, meta, stats  # noqa: E402
+from cola_audio import digest, fsutil, meta, stats  # noqa: E402
 from cola_audio.errors import BadInput  # noqa: E402
 from cola_audio.params import finetune_runs, report_params  # noqa: E402
 from cola_audio.store import FeatureStore  # noqa: E402
@@ -34,8 +33,7 @@ log = logging.getLogger(__name__)
 
 
 def params_hash(params: dict[str, Any]) -> str:
-    canonical = json.dumps(params, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha1(canonical.encode()).hexdigest()[:12]
+    return digest.json_digest(params)[:12]
 
 
 def git_state(repo: Path = Path(".")) -> dict[str, Any]:
@@ -422,5 +420,5 @@ def provenance(params: dict[str, Any], features: Path, models: Path) -> dict[str
         "run_identities": identities,
         "features": fsutil.read_json(features / "summary.json"),
         "skipped": pd.read_csv(features / "skipped.csv").to_dict("records"),
-        "hashes": {p.as_posix(): fsutil.file_digest(p, "md5") for p in tracked if p.is_file()},
+        "hashes": {p.as_posix(): digest.file_digest(p, "md5") for p in tracked if p.is_file()},
     }

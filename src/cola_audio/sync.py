@@ -35,7 +35,6 @@ on with its own records; the fingerprint is then not refreshed, so the next star
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -44,7 +43,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cola_audio import fsutil
+from cola_audio import digest, fsutil
 
 
 def say(message: str) -> None:
@@ -61,17 +60,21 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 def fingerprints(repo: Path, paths: list[str]) -> dict[str, str]:
     """What DVC can see, hashed in two parts: `plan` (dvc.yaml, params.yaml) and `state`
     (dvc.lock and the mtime and size of each stage's dependencies and outputs)."""
-    plan, state = hashlib.sha256(), hashlib.sha256()
-    for name, digest in (("dvc.yaml", plan), ("params.yaml", plan), ("dvc.lock", state)):
+
+    def content(name: str) -> str | None:
         path = repo / name
-        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"-"))
-    for rel in sorted(paths):
+        return digest.file_digest(path) if path.is_file() else None
+
+    def stat(rel: str) -> list[int] | None:
         try:
             st = (repo / rel).stat()
-            state.update(f"{rel}\0{st.st_mtime_ns}\0{st.st_size}\n".encode())
         except FileNotFoundError:
-            state.update(f"{rel}\0missing\n".encode())
-    return {"plan": plan.hexdigest(), "state": state.hexdigest()}
+            return None
+        return [st.st_mtime_ns, st.st_size]
+
+    plan = {name: content(name) for name in ("dvc.yaml", "params.yaml")}
+    state = {"dvc.lock": content("dvc.lock"), "paths": {rel: stat(rel) for rel in sorted(paths)}}
+    return {"plan": digest.json_digest(plan), "state": digest.json_digest(state)}
 
 
 def read_stamp(repo: Path) -> dict[str, Any] | None:

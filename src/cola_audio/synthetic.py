@@ -11,7 +11,6 @@ the release's known bad files, so fault handling runs in every demo.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import shutil
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import pandas as pd
 import soundfile as sf
 from tqdm import tqdm
 
-from cola_audio import fsutil
+from cola_audio import digest, fsutil
 from cola_audio.fma import SUBSET_ORDER, audio_relpath
 from cola_audio.pools import process_pool
 
@@ -469,12 +468,8 @@ def genres_table(tracks: pd.DataFrame) -> pd.DataFrame:
     ).sort_values("genre_id")
 
 
-def sha1_bytes(data: bytes) -> str:
-    return hashlib.sha1(data).hexdigest()
-
-
 def _checksums_text(entries: dict[str, str]) -> str:
-    return "".join(f"{digest}  {name}\n" for name, digest in sorted(entries.items()))
+    return "".join(f"{sha1}  {name}\n" for name, sha1 in sorted(entries.items()))
 
 
 def write_metadata(tracks: pd.DataFrame, meta_dir: Path) -> None:
@@ -484,8 +479,8 @@ def write_metadata(tracks: pd.DataFrame, meta_dir: Path) -> None:
     fsutil.write_text(meta_dir / "tracks.csv", tracks_csv)
     fsutil.write_text(meta_dir / "genres.csv", genres_csv)
     sums = {
-        "tracks.csv": sha1_bytes(tracks_csv.encode()),
-        "genres.csv": sha1_bytes(genres_csv.encode()),
+        "tracks.csv": digest.bytes_digest(tracks_csv.encode()),
+        "genres.csv": digest.bytes_digest(genres_csv.encode()),
     }
     fsutil.write_text(meta_dir / "checksums", _checksums_text(sums))
 
@@ -519,7 +514,7 @@ def generate(
             targets = [f for f, r in folders.items() if track_rank[plan.track_id] <= r]
             for sub in targets:  # the same bytes in every folder holding the clip, as released
                 fsutil.write_bytes(root / sub / rel, data)
-                sums[sub][rel] = sha1_bytes(data)
+                sums[sub][rel] = digest.bytes_digest(data)
     for sub, entries in sums.items():
         fsutil.write_text(root / sub / "checksums", _checksums_text(entries))
         fsutil.write_text(
