@@ -231,6 +231,26 @@ def test_a_killed_pretraining_resumes_to_the_same_encoder_as_an_uninterrupted_on
     assert again.first == 0
 
 
+def test_the_encoder_does_not_depend_on_the_cores_a_job_is_granted(tiny_data, tmp_path):
+    """Snakemake runs a job with OMP_NUM_THREADS = min(threads, --cores) and DVC with torch's
+    default (every core): the weights must not follow either, only `pretrain.threads` (two thread
+    counts round the encoder's float sums differently)."""
+    p = json.loads(json.dumps(tiny_data["params"]))
+    p["pretrain"]["threads"] = 2
+    kw = {"features": tiny_data["features"], "meta_dir": tiny_data["meta"]}
+    ambient = torch.get_num_threads()
+    try:
+        encoders = []
+        for granted in (1, 2):
+            torch.set_num_threads(granted)
+            pretrain.run(p, out_dir=tmp_path / f"granted-{granted}", **kw)
+            assert torch.get_num_threads() == 2
+            encoders.append((tmp_path / f"granted-{granted}" / "encoder.safetensors").read_bytes())
+    finally:
+        torch.set_num_threads(ambient)
+    assert encoders[0] == encoders[1]
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_killed_finetune_resumes_to_the_same_metrics_as_an_uninterrupted_one(
     tiny_data, tmp_path, workers

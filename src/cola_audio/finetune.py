@@ -124,7 +124,7 @@ def _wire(job: Job) -> tuple[GenreData, GenreClassifier, str]:
     """The seeded data module, the model (with the pretrained encoder's weights where the run
     starts from it) and the run's identity over its params, inputs and code."""
     cfg, spec = job.cfg, job.spec
-    training.seed_everything(job.seed)
+    training.seed_everything(job.seed, cfg["threads"])
     data = GenreData(
         job.features,
         job.meta_dir,

@@ -38,7 +38,7 @@ def _run(
     trainer_overrides: dict[str, Any],
 ) -> dict[str, Any]:
     """Wire data and model, fit (resuming only the same interrupted run), export the encoder."""
-    training.seed_everything(cfg["seed"])
+    training.seed_everything(cfg["seed"], cfg["threads"])
     data = PretrainData(
         features, meta_dir, cfg["crop_frames"], cfg["batch_size"], cfg["num_workers"], cfg["seed"]
     )

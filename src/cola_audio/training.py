@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import inspect
 import itertools
-import json
 import logging
 import math
 import os
@@ -23,7 +21,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
-from cola_audio import fsutil
+from cola_audio import digest, fsutil
 from cola_audio.data import epoch_seed
 from cola_audio.errors import InputError, MissingInput
 
@@ -88,13 +86,9 @@ def run_identity(
     every input file's bytes (feature shards included) and the package's own source. Only a
     checkpoint with this identity is resumed."""
     settings = {k: v for k, v in section.items() if k not in ignore}
-    digest = hashlib.sha1(
-        json.dumps({"params": settings, **extra}, sort_keys=True, default=str).encode()
-    )
     package = sorted(Path(__file__).resolve().parent.rglob("*.py"))
-    for path in [*sorted(Path(p) for p in inputs), *package]:
-        digest.update(bytes.fromhex(fsutil.file_digest(path, "sha1")))
-    return digest.hexdigest()[:16]
+    files = [digest.file_digest(path) for path in [*sorted(Path(p) for p in inputs), *package]]
+    return digest.json_digest({"params": settings, **extra, "files": files})[:16]
 
 
 def safe_load(path: str | Path) -> dict[str, Any]:
@@ -338,8 +332,17 @@ def recompute_batchnorm(
         m.momentum = momentum
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, threads: int) -> None:
+    """Seed every generator and run torch's CPU ops on exactly `threads` threads.
+
+    The thread count is part of the result: a float sum split over another number of threads
+    rounds differently (the same tiny pretraining gave two encoders under 1 and 2 threads), so it
+    comes from params, not from the cores Snakemake grants (OMP_NUM_THREADS = min(threads,
+    --cores)) or the machine (torch's default under DVC). OMP_NUM_THREADS is set too, for DDP
+    worker processes, and so that Lightning does not choose its own."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
     pl.seed_everything(seed, workers=True, verbose=False)
 
 

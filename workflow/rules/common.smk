@@ -37,8 +37,9 @@ wildcard_constraints:
     seed=r"\d+",
 
 
-# What a multi-threaded job asks for: Snakemake caps it at --cores locally, node_threads() at the
-# smallest node on SLURM.
+# What download and featurize (process pools; their bytes do not depend on the count) ask for:
+# Snakemake caps it at --cores locally, node_threads() at the smallest node on SLURM. Training
+# jobs ask for pretrain.threads / finetune.threads, the count their weights depend on.
 JOB_THREADS = 8
 
 

@@ -31,7 +31,7 @@ rule finetune_scratch:
         "logs/benchmarks/finetune_{run}_seed-{seed}.tsv"
     wildcard_constraints:
         run="|".join(SCRATCH_RUNS) or "no-run",
-    threads: node_threads(JOB_THREADS)
+    threads: node_threads(config["finetune"]["threads"])
     resources:
         gpu=1,  # the plugin's form: sbatch --gpus=1; 0 on a site without GPUs
         mem_mb=node_mem_mb(8000),

@@ -28,7 +28,7 @@ rule pretrain:
         "logs/pretrain.log",
     benchmark:
         "logs/benchmarks/pretrain.tsv"
-    threads: node_threads(JOB_THREADS)
+    threads: node_threads(config["pretrain"]["threads"])
     resources:
         gpu=1,  # the plugin's form: sbatch --gpus=1; 0 on a site without GPUs
         mem_mb=node_mem_mb(16000),
