@@ -169,22 +169,45 @@ def featurize_shard(
     npy_path, json_path = shard_paths(out_dir, shard)
     npy_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.unlink(missing_ok=True)  # no stale index may vouch for a shard being rewritten
+    jobs = [(tid, path, features, (sha1s or {}).get(tid)) for tid, path in mine]
+    desc = f"featurize shard {shard_name(shard)}/{n_shards}"
+    with tempfile.TemporaryFile(dir=npy_path.parent, prefix=".raw-") as raw:
+        index, skipped, total = _append_frames(raw, jobs, _workers(workers), desc)
+        raw.seek(0)
+        write_npy(npy_path, raw, (total, features["n_mels"]))
+    doc = {
+        "shard": shard,
+        "n_shards": n_shards,
+        "file": npy_path.name,
+        "dtype": np.dtype(DTYPE).name,
+        "n_mels": features["n_mels"],
+        "total_frames": total,
+        "columns": ["track_id", "offset", "frames"],
+        "tracks": index,
+        "skipped": skipped,
+    }
+    fsutil.write_json(json_path, doc)
+    return doc
+
+
+def _append_frames(
+    raw: IO[bytes], jobs: list[tuple[int, str, dict[str, Any], str | None]], workers: int, desc: str
+) -> tuple[list[list[int]], list[dict[str, Any]], int]:
+    """Featurize each job's clip (on `workers` processes) and append its frames to `raw` in track
+    order; return the index rows [track, offset, frames], the skipped clips and the frame total."""
     index: list[list[int]] = []
     skipped: list[dict[str, Any]] = []
     offset = 0
-    n_workers = _workers(workers)
-    jobs = [(tid, path, features, (sha1s or {}).get(tid)) for tid, path in mine]
     # One BLAS thread everywhere (here and in pool workers): a multi-threaded matrix product sums
     # in another order, and the shard's bytes would depend on the worker count.
-    with tempfile.TemporaryFile(dir=npy_path.parent, prefix=".raw-") as raw, threadpool_limits(1):
-        pool = process_pool(n_workers) if n_workers > 1 else None
+    with threadpool_limits(1):
+        pool = process_pool(workers) if workers > 1 else None
         try:
             results = (
                 pool.map(_featurize_star, jobs, chunksize=4) if pool else map(_featurize_star, jobs)
             )
-            desc = f"featurize shard {shard_name(shard)}/{n_shards}"
-            for (tid, path), result in tqdm(
-                zip(mine, results, strict=True), total=len(mine), desc=desc, unit="clip"
+            for (tid, path, *_), result in tqdm(
+                zip(jobs, results, strict=True), total=len(jobs), desc=desc, unit="clip"
             ):
                 if result.features is None:
                     skipped.append({"track_id": tid, "audio": path, "reason": result.reason})
@@ -195,21 +218,7 @@ def featurize_shard(
         finally:
             if pool:
                 pool.shutdown()
-        raw.seek(0)
-        write_npy(npy_path, raw, (offset, features["n_mels"]))
-    doc = {
-        "shard": shard,
-        "n_shards": n_shards,
-        "file": npy_path.name,
-        "dtype": np.dtype(DTYPE).name,
-        "n_mels": features["n_mels"],
-        "total_frames": offset,
-        "columns": ["track_id", "offset", "frames"],
-        "tracks": index,
-        "skipped": skipped,
-    }
-    fsutil.write_json(json_path, doc)
-    return doc
+    return index, skipped, offset
 
 
 def write_npy(path: Path, raw: IO[bytes], shape: tuple[int, int]) -> None:
