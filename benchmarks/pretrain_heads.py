@@ -43,7 +43,7 @@ def run_variant(cfg: dict[str, Any], variant: dict[str, Any], steps: int) -> dic
     variant = dict(variant)
     w_init = variant.pop("w_init", "identity")
     hp = {**training.model_hparams(ColaModule, cfg), **variant}
-    training.seed_everything(cfg["seed"])
+    training.seed_everything(cfg["seed"], cfg["threads"])
     data = PretrainData(REPO / "data/features", REPO / "data/meta", cfg["crop_frames"], 64, 0, 0)
     model = ColaModule(**hp)
     if w_init == "normal" and model.bilinear is not None:

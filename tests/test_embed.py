@@ -13,8 +13,8 @@ import torch
 from cola_audio import cli, hear
 from cola_audio.embed import Embedder
 from cola_audio.frontend import FrontEnd
+from cola_audio.models.batchnorm import recompute_batchnorm
 from cola_audio.models.encoder import Encoder, save_encoder
-from cola_audio.training import recompute_batchnorm
 
 CROP, HOP, STEP, FRAME, SR = 98, hear.TIMESTAMP_HOP_FRAMES, 160, 400, 16000
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from cola_audio import training
+from cola_audio import checkpoints, optim
 from cola_audio.errors import BadInput
 from cola_audio.models.classifier import GenreClassifier, clip_logits
 from cola_audio.models.cola import ColaModule, similarity_logits
@@ -147,8 +147,8 @@ class _Exploit:
 def test_a_checkpoint_holding_a_malicious_pickle_is_refused(tmp_path, capsys):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "payload": _Exploit()}, path, pickle_protocol=2)
-    with pytest.raises(training.UnsafeCheckpoint, match="refusing to load"):
-        training.safe_load(path)
+    with pytest.raises(checkpoints.UnsafeCheckpoint, match="refusing to load"):
+        checkpoints.safe_load(path)
     assert "pwned" not in capsys.readouterr().out
     with open(path, "rb") as fh:  # the file really does carry a callable
         assert b"print" in fh.read()
@@ -161,10 +161,10 @@ def test_hyperparameters_are_plain_values():
 
 
 def test_lr_schedule_warms_up_then_decays():
-    f = training.lr_lambda("cosine", warmup_steps=4, total_steps=20)
+    f = optim.lr_lambda("cosine", warmup_steps=4, total_steps=20)
     assert f(0) == 0.25 and f(3) == 1.0
     assert f(4) == pytest.approx(1.0) and f(12) == pytest.approx(0.5) and f(20) == pytest.approx(0)
-    assert training.lr_lambda("constant", 0, 20)(15) == 1.0
+    assert optim.lr_lambda("constant", 0, 20)(15) == 1.0
 
 
 def test_bilinear_head_starts_as_the_cosine_head_at_its_temperature():

@@ -364,34 +364,34 @@ def test_bf16_pretraining_on_gpu(tiny_data, tmp_path):
 
 
 def test_run_identity_covers_params_inputs_and_code(tmp_path, monkeypatch):
-    from cola_audio import training
+    from cola_audio import checkpoints
 
     section = {"lr": 1e-3, "seed": 0, "num_workers": 0, "max_steps": -1}
     data = tmp_path / "shard.npy"
     data.write_bytes(b"a")
-    base = training.run_identity(section, [data])
+    base = checkpoints.run_identity(section, [data])
     # num_workers included: loader workers draw the crops from their own seeded generators.
     for key, value in [("lr", 2e-3), ("seed", 1), ("max_steps", 5), ("num_workers", 4)]:
-        assert training.run_identity({**section, key: value}, [data]) != base, key
-    assert training.run_identity(section, [data], seed=1) != base
+        assert checkpoints.run_identity({**section, key: value}, [data]) != base, key
+    assert checkpoints.run_identity(section, [data], seed=1) != base
     data.write_bytes(b"b")
-    assert training.run_identity(section, [data]) != base
+    assert checkpoints.run_identity(section, [data]) != base
     code = tmp_path / "pkg"
     code.mkdir()
     (code / "module.py").write_text("x = 1")
-    monkeypatch.setattr(training, "__file__", str(code / "training.py"))
-    first = training.run_identity(section, [data])
+    monkeypatch.setattr(checkpoints, "__file__", str(code / "checkpoints.py"))
+    first = checkpoints.run_identity(section, [data])
     (code / "module.py").write_text("x = 2")
-    assert training.run_identity(section, [data]) != first
+    assert checkpoints.run_identity(section, [data]) != first
 
 
 def test_a_damaged_resume_point_is_moved_aside_and_the_run_starts_afresh(tmp_path, caplog):
-    from cola_audio import training
+    from cola_audio import checkpoints
 
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     (folder / "last.ckpt").write_bytes(b"")  # what a full disk leaves
-    assert training.resume_point(tmp_path, "abc") is None
+    assert checkpoints.resume_point(tmp_path, "abc") is None
     aside = list(folder.glob("last.ckpt.unreadable-*"))
     assert len(aside) == 1 and not (folder / "last.ckpt").exists()
     assert str(folder / "last.ckpt") in caplog.text and "starting afresh" in caplog.text
@@ -399,12 +399,12 @@ def test_a_damaged_resume_point_is_moved_aside_and_the_run_starts_afresh(tmp_pat
 
 def test_a_malformed_metrics_log_does_not_block_a_resume(tmp_path, caplog):
     """A kill during Lightning's CSV rewrite can leave rows wider than the header."""
-    from cola_audio import training
+    from cola_audio import curves
 
     logs = tmp_path / "logs"
     logs.mkdir()
     (logs / "metrics.csv").write_text("epoch,step\n0,0\n0,1,0.5,0.7\n")
-    training.prepare_logs(tmp_path, resume=tmp_path / "checkpoints" / "last.ckpt")
+    curves.prepare_logs(tmp_path, resume=tmp_path / "checkpoints" / "last.ckpt")
     assert not (logs / "metrics.csv").exists()
     assert len(list(logs.glob("metrics.csv.unreadable-*"))) == 1
     assert "unreadable" in caplog.text
@@ -414,13 +414,13 @@ def test_two_processes_never_train_into_one_run_folder(tiny_data, tmp_path):
     """A killed Snakemake leaves its job running; a rerun must not train beside it."""
     import fcntl
 
-    from cola_audio import training
+    from cola_audio import checkpoints
 
     folder = tmp_path / "scratch-finetune" / "seed-0"
     folder.mkdir(parents=True)
     with open(folder / ".lock", "a+") as held:  # what the orphaned process holds
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(training.RunFolderBusy, match="in use by another training process"):
+        with pytest.raises(checkpoints.RunFolderBusy, match="in use by another training process"):
             _finetune(tiny_data, tmp_path, "scratch-finetune")
     assert not (folder / "metrics.json").exists()
     assert _finetune(tiny_data, tmp_path, "scratch-finetune")["n_test"] > 0  # free again

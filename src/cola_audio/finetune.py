@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cola_audio import fsutil, training
+from cola_audio import checkpoints, curves, fsutil, training
 from cola_audio.data import GenreData
 from cola_audio.errors import BadInput, MissingInput
 from cola_audio.models.classifier import GenreClassifier
@@ -50,7 +50,7 @@ def run(
         Path(encoder),
         run_dir(out_dir, run_name, seed),
     )
-    with training.exclusive(job.out):
+    with checkpoints.exclusive(job.out):
         return _run(job, callbacks, trainer_overrides)
 
 
@@ -72,7 +72,7 @@ class Job:
 def _run(job: Job, callbacks: list | None, trainer_overrides: dict[str, Any]) -> dict[str, Any]:
     """Wire data and model → fit → test the checkpoint validation selected → write."""
     data, model, identity = _wire(job)
-    resume = training.resume_point(job.out, identity)
+    resume = checkpoints.resume_point(job.out, identity)
     trainer, best_cb = _fit(job, data, model, resume, callbacks, trainer_overrides)
     best = _load_best(job.out, best_cb, job.cfg["max_steps"], job.run_name)
     model.load_state_dict(best["state_dict"], strict=True)
@@ -81,7 +81,7 @@ def _run(job: Job, callbacks: list | None, trainer_overrides: dict[str, Any]) ->
     metrics = _metrics(job, data, outputs, best, best_cb, trainer, identity)
     if trainer.is_global_zero:
         _write_outputs(job.out, metrics, outputs, data.genres)
-        training.finish(job.out)
+        checkpoints.finish(job.out)
         log.info(
             "%s seed %d: test accuracy %.3f, macro-F1 %.3f on %d clips (selected epoch %d)",
             job.run_name,
@@ -140,7 +140,7 @@ def _wire(job: Job) -> tuple[GenreData, GenreClassifier, str]:
         if not job.encoder.is_file():
             raise MissingInput(f"{job.encoder}: no pretrained encoder; run `cola pretrain` first")
         inputs.append(job.encoder)
-    identity = training.run_identity(
+    identity = checkpoints.run_identity(
         cfg, inputs, ignore=("seeds", "runs"), run=job.run_name, seed=job.seed, **spec
     )
     model = GenreClassifier(
@@ -167,13 +167,13 @@ def _fit(
     cfg = job.cfg
     if resume is None and job.spec == {"init": "scratch", "mode": "linear"}:
         model.calibrate_frozen_encoder(data.train_dataloader(), cfg["precise_bn_batches"])
-    training.prepare_logs(job.out, resume)
-    best_cb, checkpoints = training.checkpoint_callbacks(job.out, "val_acc", "max")
+    curves.prepare_logs(job.out, resume)
+    best_cb, savers = checkpoints.checkpoint_callbacks(job.out, "val_acc", "max")
     trainer = training.make_trainer(
         cfg,
         job.out,
         job.seed,
-        [*checkpoints, *(callbacks or [])],
+        [*savers, *(callbacks or [])],
         **{"check_val_every_n_epoch": cfg["val_every_n_epochs"], **trainer_overrides},
     )
     trainer.fit(model, data, ckpt_path=resume, weights_only=True)
@@ -200,7 +200,7 @@ def _load_best(out: Path, best_cb: Any, max_steps: int, run_name: str) -> dict[s
             f"{run_name}: training stopped before the first validation (finetune.max_steps = "
             f"{max_steps} ends inside epoch 0); raise max_steps or set it to -1"
         )
-    return training.safe_load(path)
+    return checkpoints.safe_load(path)
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -222,7 +222,7 @@ def _write_outputs(
     )
     with fsutil.atomic_path(out / "predictions.csv") as tmp:
         predictions.to_csv(tmp, index=False, lineterminator="\n")
-    training.export_curve(
+    curves.export_curve(
         out,
         ["train_loss_epoch", "train_acc_epoch", "val_acc", "val_loss"],
         out / "curve.csv",

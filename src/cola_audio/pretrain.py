@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cola_audio import fsutil, training
+from cola_audio import checkpoints, curves, fsutil, training
 from cola_audio.data import PretrainData
 from cola_audio.models.cola import ColaModule
 from cola_audio.models.encoder import save_encoder
@@ -25,7 +25,7 @@ def run(
     **trainer_overrides: Any,
 ) -> dict[str, Any]:
     out_dir = Path(out_dir)
-    with training.exclusive(out_dir):
+    with checkpoints.exclusive(out_dir):
         return _run(params["pretrain"], features, meta_dir, out_dir, callbacks, trainer_overrides)
 
 
@@ -43,22 +43,22 @@ def _run(
         features, meta_dir, cfg["crop_frames"], cfg["batch_size"], cfg["num_workers"], cfg["seed"]
     )
     data.setup()
-    identity = training.run_identity(
+    identity = checkpoints.run_identity(
         cfg, [*FeatureStore.files(features), Path(meta_dir) / "pretrain.json"]
     )
     model = ColaModule(**training.model_hparams(ColaModule, cfg), run_identity=identity)
-    resume = training.resume_point(out_dir, identity)
-    training.prepare_logs(out_dir, resume)
-    _, checkpoints = training.checkpoint_callbacks(out_dir, "train_loss_epoch", "min")
+    resume = checkpoints.resume_point(out_dir, identity)
+    curves.prepare_logs(out_dir, resume)
+    _, savers = checkpoints.checkpoint_callbacks(out_dir, "train_loss_epoch", "min")
     trainer = training.make_trainer(
-        cfg, out_dir, cfg["seed"], [*checkpoints, *(callbacks or [])], **trainer_overrides
+        cfg, out_dir, cfg["seed"], [*savers, *(callbacks or [])], **trainer_overrides
     )
     start = time.perf_counter()
     trainer.fit(model, data, ckpt_path=resume, weights_only=True)
     summary = _summary(cfg, trainer, data, identity, resume, time.perf_counter() - start)
     if trainer.is_global_zero:
         _export(cfg, model, Path(features), out_dir, summary)
-        training.finish(out_dir)
+        checkpoints.finish(out_dir)
         log.info("pretraining done: %s", summary)
     return summary
 
@@ -100,7 +100,7 @@ def _export(
         frontend=fsutil.read_json(features / "summary.json")["frontend"],
         crop_frames=cfg["crop_frames"],
     )
-    training.export_curve(
+    curves.export_curve(
         out_dir, ["train_loss_step", "train_acc_step", "global_batch"], out_dir / "curve.csv"
     )
     fsutil.write_json(out_dir / "summary.json", summary)

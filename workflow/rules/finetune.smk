@@ -2,6 +2,9 @@ FINETUNE_INPUTS = [
     *code(
         "finetune",
         "training",
+        "optim",
+        "checkpoints",
+        "curves",
         "data",
         "store",
         "stats",
@@ -9,6 +12,7 @@ FINETUNE_INPUTS = [
         "meta",
         "models/classifier",
         "models/encoder",
+        "models/batchnorm",
     ),
     *shard_outputs("npy"),
     *shard_outputs("json"),

@@ -10,8 +10,9 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from cola_audio.models.batchnorm import recompute_batchnorm
 from cola_audio.models.encoder import EMBED_DIM, Encoder
-from cola_audio.training import adam_with_schedule, recompute_batchnorm
+from cola_audio.optim import adam_with_schedule
 
 
 def clip_logits(window_logits: torch.Tensor, clip: torch.Tensor, n_clips: int) -> torch.Tensor:

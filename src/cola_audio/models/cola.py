@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cola_audio.models.encoder import EMBED_DIM, Encoder
-from cola_audio.training import adam_with_schedule
+from cola_audio.optim import adam_with_schedule
 
 # E[tanh(x)²] for x ~ N(0, 1): LayerNorm gives each embedding unit variance per dimension, so a
 # tanh embedding's squared norm is ≈ TANH_SECOND_MOMENT · embedding_dim.
