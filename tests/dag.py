@@ -14,8 +14,9 @@ Stage = dict[str, Any]
 PLUGINS = Path(__file__).parent / "snakemake_plugins"
 
 
-def snakemake_stages(repo: Path) -> dict[str, Stage]:
-    """Each job of `snakemake --forceall`: rule@wildcard, command, inputs, outputs, params.
+def snakemake_stages(repo: Path, forceall: bool = True) -> dict[str, Stage]:
+    """Each job of `snakemake --forceall` (or, with forceall=False, each job `snakemake -n` would
+    run): rule@wildcard, command, inputs, outputs, params.
 
     Read through Snakemake's public plugin interface: a dry run with the test executor
     `record-jobs` (tests/snakemake_plugins), which writes every job it is handed as a JSON line.
@@ -28,7 +29,8 @@ def snakemake_stages(repo: Path) -> dict[str, Stage]:
             "COLA_DVC_SYNC": "off",  # reading the DAG must not sync the checkout with DVC
             "PYTHONPATH": os.pathsep.join(p for p in [str(PLUGINS), os.getenv("PYTHONPATH")] if p),
         }
-        cmd = ["snakemake", "--executor", "record-jobs", "--forceall", "--quiet", "all"]
+        cmd = ["snakemake", "--executor", "record-jobs", "--quiet", "all"]
+        cmd += ["--forceall"] if forceall else []
         done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}{done.stderr}"
         jobs = [json.loads(line) for line in record.read_text().splitlines()]
@@ -55,6 +57,27 @@ def collapse_into_folders(files: list[str], folders: list[str]) -> list[str]:
     """Files inside one of `folders` replaced by that folder: a DVC folder dependency stands for
     every Snakemake input file inside it."""
     return sorted({next((d for d in folders if f.startswith(d + "/")), f) for f in files})
+
+
+def with_downstream(changed: set[str], stages: dict[str, Stage]) -> set[str]:
+    """`changed` and every stage that depends on one of their outputs, directly or not (a folder
+    dependency depends on the outputs inside it)."""
+
+    def feeds(out: str, dep: str) -> bool:
+        return out == dep or out.startswith(dep + "/") or dep.startswith(out + "/")
+
+    closure = set(changed)
+    grew = True
+    while grew:
+        more = {
+            name
+            for name, stage in stages.items()
+            if name not in closure
+            and any(feeds(o, d) for c in closure for o in stages[c]["outs"] for d in stage["deps"])
+        }
+        closure |= more
+        grew = bool(more)
+    return closure
 
 
 def dvc_stages(repo: Path) -> dict[str, Stage]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dag import dvc_stages, snakemake_stages, with_downstream
 
 from conftest import PIPELINE_RULES, sh, tiny_checkout
 
@@ -130,6 +131,30 @@ def test_a_new_seed_schedules_only_its_own_jobs_in_both_tools(work):
         assert "rule pretrain:" not in dry and "rule report:" in dry
         changed = set(json.loads(sh("dvc status --json", repo).stdout))
         assert changed == {s for s in finetune_stages(params) if s.endswith(f"-{new}")} | {"report"}
+    finally:
+        (repo / "params.yaml").write_text(original)
+
+
+def test_a_shard_count_and_a_new_run_in_one_edit_schedule_the_same_stages_in_both_tools(work):
+    """Issue 10: one params.yaml edit (three shards instead of four, one run more) and, on the
+    built pipeline, `snakemake -n` schedules exactly the stages `dvc status` finds changed plus
+    everything downstream of them (DVC lists only the stages whose own inputs changed)."""
+    repo = work["repo"]
+    original = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["features"]["shards"] = [0, 1, 2]
+    params["finetune"]["runs"]["pretrained"]["pretrained-linear-2"] = "linear"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        changed = set(json.loads(sh("dvc status --json", repo).stdout))
+        assert {
+            "featurize_shard@0",
+            "featurize_shard@2",
+            "finetune_pretrained@pretrained-linear-2-0",
+        } <= changed
+        scheduled = set(snakemake_stages(repo, forceall=False))
+        assert scheduled == with_downstream(changed, dvc_stages(repo))
+        assert "pretrain" in scheduled and "featurize_shard@3" not in scheduled
     finally:
         (repo / "params.yaml").write_text(original)
 
