@@ -91,6 +91,16 @@ def require(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _caller_thread_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process training sets OMP_NUM_THREADS (training.seed_everything); put it back after
+    each test, so later `snakemake` and `dvc repro` subprocesses get the caller's environment."""
+    if "OMP_NUM_THREADS" in os.environ:
+        monkeypatch.setenv("OMP_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
+    else:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+
 @pytest.fixture
 def default_params() -> dict[str, Any]:
     return params.load(REPO / "params.yaml")

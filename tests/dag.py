@@ -29,11 +29,18 @@ def snakemake_stages(repo: Path, forceall: bool = True) -> dict[str, Stage]:
             "COLA_DVC_SYNC": "off",  # reading the DAG must not sync the checkout with DVC
             "PYTHONPATH": os.pathsep.join(p for p in [str(PLUGINS), os.getenv("PYTHONPATH")] if p),
         }
-        cmd = ["snakemake", "--executor", "record-jobs", "--quiet", "all"]
-        cmd += ["--forceall"] if forceall else []
-        done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}{done.stderr}"
-        jobs = [json.loads(line) for line in record.read_text().splitlines()]
+        # No --quiet: a bare --quiet makes a dry run return before it schedules any job.
+        cmd = ["snakemake", "--executor", "record-jobs", *(["--forceall"] if forceall else [])]
+        done = subprocess.run(
+            [*cmd, "all"], cwd=repo, env=env, capture_output=True, text=True, timeout=300
+        )
+        said = done.stdout + done.stderr
+        assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{said}"
+        if record.is_file():
+            jobs = [json.loads(line) for line in record.read_text().splitlines()]
+        else:
+            assert "Nothing to be done" in said, f"the recorder saw no job, yet:\n{said}"
+            jobs = []
 
     stages: dict[str, Stage] = {}
     for job in jobs:

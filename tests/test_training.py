@@ -236,19 +236,23 @@ def test_the_encoder_does_not_depend_on_the_cores_a_job_is_granted(tiny_data, tm
     default (every core): the weights must not follow either, only `pretrain.threads` (two thread
     counts round the encoder's float sums differently)."""
     p = json.loads(json.dumps(tiny_data["params"]))
-    p["pretrain"]["threads"] = 2
     kw = {"features": tiny_data["features"], "meta_dir": tiny_data["meta"]}
+
+    def encoder(threads: int, granted: int) -> bytes:
+        torch.set_num_threads(granted)
+        out = tmp_path / f"threads-{threads}-granted-{granted}"
+        pretrain.run({**p, "pretrain": {**p["pretrain"], "threads": threads}}, out_dir=out, **kw)
+        assert torch.get_num_threads() == threads
+        return (out / "encoder.safetensors").read_bytes()
+
     ambient = torch.get_num_threads()
     try:
-        encoders = []
-        for granted in (1, 2):
-            torch.set_num_threads(granted)
-            pretrain.run(p, out_dir=tmp_path / f"granted-{granted}", **kw)
-            assert torch.get_num_threads() == 2
-            encoders.append((tmp_path / f"granted-{granted}" / "encoder.safetensors").read_bytes())
+        two_threads = encoder(threads=2, granted=2)
+        if encoder(threads=1, granted=1) == two_threads:
+            pytest.skip("1 and 2 threads round alike here: nothing for the param to pin")
+        assert encoder(threads=2, granted=1) == two_threads
     finally:
         torch.set_num_threads(ambient)
-    assert encoders[0] == encoders[1]
 
 
 @pytest.mark.parametrize("workers", [0, 1])

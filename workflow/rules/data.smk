@@ -1,7 +1,7 @@
 rule download:
     """FMA archives (verified) or the embedded dataset, in the release's layout."""
     input:
-        code("download", "synthetic", "fma", "folder"),
+        code("download", "synthetic", "fma", "folder", "digest"),
     output:
         directory("data/raw"),
     log:

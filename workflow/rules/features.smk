@@ -1,7 +1,7 @@
 rule featurize_shard:
     """One shard of the log-mel store; shards run as parallel jobs (or cluster jobs)."""
     input:
-        code("featurize", "frontend", "meta"),
+        code("featurize", "frontend", "meta", "digest"),
         "data/raw",
         "data/meta/finetune.json",
         "data/meta/pretrain.json",

@@ -4,6 +4,7 @@ FINETUNE_INPUTS = [
         "training",
         "optim",
         "checkpoints",
+        "digest",
         "curves",
         "data",
         "store",

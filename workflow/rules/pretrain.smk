@@ -6,6 +6,7 @@ rule pretrain:
             "training",
             "optim",
             "checkpoints",
+            "digest",
             "curves",
             "data",
             "store",

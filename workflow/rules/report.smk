@@ -1,7 +1,7 @@
 rule report:
     """Results table with the published numbers beside ours, curves, confusion, provenance."""
     input:
-        code("report", "stats", "params", "meta"),
+        code("report", "stats", "params", "meta", "digest"),
         "src/cola_audio/templates/report.md.j2",
         "src/cola_audio/templates/report.html.j2",
         all_predictions(),

@@ -50,7 +50,9 @@ class Executor(AbstractExecutor):
             self.logger.removeHandler(shell_commands)
         properties = json.loads(job.properties())
         if "params" not in properties:
-            raise TypeError(f"rule {job.rule.name}: a param value is not JSON; cannot record it")
+            raise TypeError(
+                f"rule {job.rule.name}: properties() are not JSON (Snakemake dropped the params)"
+            )
         line = {
             "rule": job.rule.name,
             "wildcards": properties["wildcards"],
