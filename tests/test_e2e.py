@@ -5,9 +5,11 @@ Order matters: each test continues from the state the previous one left (a user'
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,24 @@ def finetune_stages(params: dict) -> set[str]:
 
 
 RUNS = ("scratch-finetune", "random-linear", "pretrained-finetune", "pretrained-linear")
+
+
+def write_params(repo: Path, params: dict) -> None:
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@contextlib.contextmanager
+def edited_params(repo: Path, edit: Callable[[dict], None]) -> Iterator[dict]:
+    """params.yaml with `edit` applied for the block (yielded, to edit further with
+    `write_params`), put back byte for byte afterwards: later tests continue from the build."""
+    original = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    edit(params)
+    write_params(repo, params)
+    try:
+        yield params
+    finally:
+        (repo / "params.yaml").write_text(original)
 
 
 @pytest.fixture(scope="module")
@@ -99,40 +119,36 @@ def test_speed_and_transport_knobs_rerun_nothing_in_either_tool(work):
     """Featurization workers, retries, timeouts, the mirror and (in synthetic mode) the real
     archives' SHA1s change how fast or from where, never what is computed: nothing may rerun."""
     repo = work["repo"]
-    original = (repo / "params.yaml").read_text()
-    params = yaml.safe_load(original)
-    params["features"]["workers"] = 2
-    params["download"].update(retries=1, timeout_s=5, backoff_s=0.5, base_url="http://mirror/")
-    params["data"]["fma"]["sha1"]["fma_large.zip"] = "0" * 40
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    try:
+
+    def speed_and_transport(params):
+        params["features"]["workers"] = 2
+        params["download"].update(retries=1, timeout_s=5, backoff_s=0.5, base_url="http://mirror/")
+        params["data"]["fma"]["sha1"]["fma_large.zip"] = "0" * 40
+
+    with edited_params(repo, speed_and_transport) as params:
         dry = sh("snakemake --cores 2 -n", repo)
         assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
         assert json.loads(sh("dvc status --json", repo).stdout or "{}") == {}
         params["data"]["synthetic"]["seed"] += 1  # the control: this one changes the audio
-        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        write_params(repo, params)
         assert "download" in json.loads(sh("dvc status --json", repo).stdout)
         assert "rule download:" in sh("snakemake --cores 2 -n", repo).stdout
-    finally:
-        (repo / "params.yaml").write_text(original)
 
 
 def test_a_new_seed_schedules_only_its_own_jobs_in_both_tools(work):
     repo = work["repo"]
-    original = (repo / "params.yaml").read_text()
-    params = yaml.safe_load(original)
-    new = max(params["finetune"]["seeds"]) + 1
-    params["finetune"]["seeds"].append(new)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    try:
+
+    def add_a_seed(params):
+        params["finetune"]["seeds"].append(max(params["finetune"]["seeds"]) + 1)
+
+    with edited_params(repo, add_a_seed) as params:
+        new = params["finetune"]["seeds"][-1]
         dry = sh("snakemake --cores 2 -n", repo).stdout
         scheduled = set(re.findall(r"wildcards: run=([a-z-]+), seed=(\d+)", dry))
         assert scheduled == {(run, str(new)) for run in RUNS}
         assert "rule pretrain:" not in dry and "rule report:" in dry
         changed = set(json.loads(sh("dvc status --json", repo).stdout))
         assert changed == {s for s in finetune_stages(params) if s.endswith(f"-{new}")} | {"report"}
-    finally:
-        (repo / "params.yaml").write_text(original)
 
 
 def test_a_shard_count_and_a_new_run_in_one_edit_schedule_the_same_stages_in_both_tools(work):
@@ -140,12 +156,12 @@ def test_a_shard_count_and_a_new_run_in_one_edit_schedule_the_same_stages_in_bot
     built pipeline, `snakemake -n` schedules exactly the stages `dvc status` finds changed plus
     everything downstream of them (DVC lists only the stages whose own inputs changed)."""
     repo = work["repo"]
-    original = (repo / "params.yaml").read_text()
-    params = yaml.safe_load(original)
-    params["features"]["shards"] = [0, 1, 2]
-    params["finetune"]["runs"]["pretrained"]["pretrained-linear-2"] = "linear"
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    try:
+
+    def three_shards_and_a_run(params):
+        params["features"]["shards"] = [0, 1, 2]
+        params["finetune"]["runs"]["pretrained"]["pretrained-linear-2"] = "linear"
+
+    with edited_params(repo, three_shards_and_a_run):
         changed = set(json.loads(sh("dvc status --json", repo).stdout))
         assert {
             "featurize_shard@0",
@@ -155,8 +171,6 @@ def test_a_shard_count_and_a_new_run_in_one_edit_schedule_the_same_stages_in_bot
         scheduled = set(snakemake_stages(repo, forceall=False))
         assert scheduled == with_downstream(changed, dvc_stages(repo))
         assert "pretrain" in scheduled and "featurize_shard@3" not in scheduled
-    finally:
-        (repo / "params.yaml").write_text(original)
 
 
 def test_a_partial_snakemake_run_never_vouches_for_stages_it_did_not_rebuild(work):
@@ -165,7 +179,7 @@ def test_a_partial_snakemake_run_never_vouches_for_stages_it_did_not_rebuild(wor
     repo = work["repo"]
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["finetune"]["dropout"] = 0.25
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(repo, params)
     sh("snakemake --cores 2 --until prepare --forcerun prepare", repo)
     changed = set(json.loads(sh("dvc status --json", repo).stdout))
     assert finetune_stages(params) <= changed
@@ -178,7 +192,7 @@ def test_finetune_param_edit_reruns_only_finetuning_and_report(work):
     metrics = repo / "models" / "finetune" / "scratch-finetune" / "seed-0" / "metrics.json"
     before = json.loads(metrics.read_text())
     params["finetune"]["lr"] = 5e-4
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(repo, params)
     out = sh("dvc repro", repo).stdout
     assert stages_run(out) == {*finetune_stages(params), "report"}
     after = json.loads(metrics.read_text())  # retrained from scratch, not a resumed old run
@@ -220,7 +234,7 @@ def test_featurize_param_edit_reruns_featurize_and_everything_after(work):
     repo = work["repo"]
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["features"]["fmin_hz"] = 80.0
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(repo, params)
     out = sh("dvc repro", repo).stdout
     ran = stages_run(out)
     assert "download" not in ran and "prepare" not in ran
@@ -255,7 +269,7 @@ def test_push_clone_pull_retrains_nothing(work):
     # A later parameter edit is still noticed by Snakemake after adoption.
     params = yaml.safe_load((clone / "params.yaml").read_text())
     params["finetune"]["dropout"] = 0.3
-    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(clone, params)
     dry = sh("snakemake --cores 2 -n", clone).stdout
     assert "finetune_scratch" in dry and "rule pretrain:" not in dry
 
@@ -270,7 +284,7 @@ def test_going_back_to_earlier_params_restores_instead_of_retraining_in_both_too
     committed = {p: p.read_bytes() for p in metrics}  # built by `dvc repro` (featurize edit)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["finetune"]["lr"] = 2e-3
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(repo, params)
     built = sh("snakemake --cores 2", repo)
     assert "rule finetune_scratch:" in built.stdout + built.stderr  # this one trains
     edited = {p: p.read_bytes() for p in metrics}
@@ -287,7 +301,7 @@ def test_going_back_to_earlier_params_restores_instead_of_retraining_in_both_too
     sh("git checkout params.yaml", repo)  # DVC restores the committed run...
     assert stages_run(sh("dvc repro", repo).stdout) == set()
     assert {p: p.read_bytes() for p in metrics} == committed
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(repo, params)
     assert stages_run(sh("dvc repro", repo).stdout) == set()  # ...and the Snakemake one
     assert {p: p.read_bytes() for p in metrics} == edited
 
@@ -320,7 +334,7 @@ def test_after_a_pull_an_upstream_edit_schedules_exactly_what_follows_it(work):
         for key in path[:-1]:
             target = target[key]
         target[path[-1]] += 7 if path[-1] == "seed" else -16
-        (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        write_params(clone, params)
         dry = sh("snakemake --cores 2 -n", clone).stdout
         scheduled = set(re.findall(r"^rule (\w+):", dry, re.M)) - {"all"}
         assert scheduled == downstream, dry[-2000:]
