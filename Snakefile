@@ -1,5 +1,6 @@
 # cola-audio: COLA pretraining on FMA and genre fine-tuning, as one reproducible workflow.
-# Reads as a table of contents; every rule calls the `cola` CLI, every knob is in params.yaml.
+# Reads as a table of contents: every rule runs one stage of the table in src/cola_audio/stages.py
+# (which dvc.yaml is rendered from), every knob is in params.yaml.
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -20,5 +21,9 @@ include: "workflow/rules/report.smk"
 
 
 rule all:
+    """Every stage's outputs, not just the report's: Snakemake lets an intermediate file be
+    missing while everything after it is up to date (as if it were temp()), so a lost shard would
+    never be rebuilt; as targets, missing ones are (as `dvc repro` does)."""
     input:
-        get_final_output(),
+        dvc_sync,
+        all_outputs(config),

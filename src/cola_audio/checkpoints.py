@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from cola_audio import digest
+from cola_audio import codedeps, digest
 from cola_audio.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -28,15 +28,20 @@ class UnsafeCheckpoint(InputError, RuntimeError):
 
 
 def run_identity(
-    section: dict[str, Any], inputs: list[Path], ignore: tuple[str, ...] = (), **extra: Any
+    section: dict[str, Any],
+    inputs: list[Path],
+    entry: str,
+    ignore: tuple[str, ...] = (),
+    **extra: Any,
 ) -> str:
     """SHA1 of everything a run's result depends on: its whole resolved params section (less
-    `ignore`, the lists of other jobs), `extra` (this job's run and seed),
-    every input file's bytes (feature shards included) and the package's own source. Only a
-    checkpoint with this identity is resumed."""
+    `ignore`, the lists of other jobs), `extra` (this job's run and seed), every input file's
+    bytes (feature shards included) and the stage's code: the import closure of its module
+    `entry`, the files both orchestrators declare. Only a checkpoint with this identity is
+    resumed."""
     settings = {k: v for k, v in section.items() if k not in ignore}
-    package = sorted(Path(__file__).resolve().parent.rglob("*.py"))
-    files = [digest.file_digest(path) for path in [*sorted(Path(p) for p in inputs), *package]]
+    code = [codedeps.REPO / p for p in codedeps.closure(entry)]
+    files = [digest.file_digest(path) for path in [*sorted(Path(p) for p in inputs), *code]]
     return digest.json_digest({"params": settings, **extra, "files": files})[:16]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cola_audio import params as params_mod
-from cola_audio.errors import InputError
+from cola_audio.errors import BadInput, InputError
 
 log = logging.getLogger("cola_audio")
 
@@ -19,13 +19,13 @@ log = logging.getLogger("cola_audio")
 def _download(args: argparse.Namespace, params: dict) -> None:
     from cola_audio import download
 
-    download.run(params)
+    download.run(params, raw_dir=args.out)
 
 
 def _prepare(args: argparse.Namespace, params: dict) -> None:
     from cola_audio import prepare
 
-    prepare.run(params, out_dir=args.out)
+    prepare.run(params, out_dir=args.out, raw_dir=args.raw)
 
 
 def _featurize(args: argparse.Namespace, params: dict) -> None:
@@ -54,6 +54,7 @@ def _finetune(args: argparse.Namespace, params: dict) -> None:
         params,
         run_name=args.run,
         seed=args.seed,
+        mode=args.mode,
         features=args.features,
         meta_dir=args.meta,
         encoder=args.encoder,
@@ -64,7 +65,9 @@ def _finetune(args: argparse.Namespace, params: dict) -> None:
 def _report(args: argparse.Namespace, params: dict) -> None:
     from cola_audio import report
 
-    report.run(params, params_path=args.params, out_dir=args.out)
+    report.run(
+        params, out_dir=args.out, models=args.models, features=args.features, meta_dir=args.meta
+    )
 
 
 def _embed(args: argparse.Namespace, params: dict) -> None:
@@ -88,6 +91,30 @@ def _dvc_commit(args: argparse.Namespace, params: dict) -> None:
     dvc_commit.run()
 
 
+def _dvc_yaml(args: argparse.Namespace, params: dict) -> None:
+    from cola_audio import dvc_yaml
+
+    same = dvc_yaml.run(Path("dvc.yaml"), check=args.check)
+    if args.check and not same:
+        raise BadInput(
+            "dvc.yaml is not what the stage table renders (diff above); run `cola dvc-yaml` "
+            "and commit it, never edit dvc.yaml by hand"
+        )
+    log.info("dvc.yaml %s", "is the render of the stage table" if same else "rendered anew")
+
+
+def stage_name(args: argparse.Namespace) -> str | None:
+    """The stage table's name for what this command runs (None for the tools): the subcommand's
+    own name, but for the subcommands that serve several stages."""
+    from cola_audio.stages import STAGES
+
+    if args.stage == "featurize":
+        return "featurize_gather" if args.gather else "featurize_shard"
+    if args.stage == "finetune":
+        return f"{args.mode}_{'scratch' if args.encoder is None else 'pretrained'}"
+    return args.stage if args.stage in STAGES else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cola", description=__doc__)
     parser.add_argument(
@@ -106,9 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_stages(sub: Any) -> None:
     """The pipeline's stages, one subcommand each, in pipeline order."""
     p = sub.add_parser("download", help="fetch and verify FMA, or write the embedded dataset")
+    p.add_argument("--out", type=Path, default=Path("data/raw"), help="the release's folders")
     p.set_defaults(func=_download)
 
     p = sub.add_parser("prepare", help="tracks.csv → metadata JSON (official split, labels)")
+    p.add_argument("--raw", type=Path, default=Path("data/raw"))
     p.add_argument("--out", type=Path, default=Path("data/meta"))
     p.set_defaults(func=_prepare)
 
@@ -127,16 +156,22 @@ def _add_stages(sub: Any) -> None:
     p.add_argument("--out", type=Path, default=Path("models/pretrain"))
     p.set_defaults(func=_pretrain)
 
-    p = sub.add_parser("finetune", help="genre classification: one run × seed of finetune")
-    p.add_argument("--run", required=True, help="a run named under finetune.runs")
-    p.add_argument("--seed", type=int, required=True, help="one of finetune.seeds")
+    p = sub.add_parser("finetune", help="genre classification: one run × seed")
+    p.add_argument("--mode", required=True, choices=["finetune", "linear"])
+    p.add_argument("--run", required=True, help="the run's name (its output folder)")
+    p.add_argument("--seed", type=int, required=True)
     p.add_argument("--features", type=Path, default=Path("data/features"))
     p.add_argument("--meta", type=Path, default=Path("data/meta"))
-    p.add_argument("--encoder", type=Path, default=Path("models/pretrain/encoder.safetensors"))
+    p.add_argument(
+        "--encoder", type=Path, help="start from this pretrained encoder (default: random init)"
+    )
     p.add_argument("--out", type=Path, default=Path("models/finetune"))
     p.set_defaults(func=_finetune)
 
     p = sub.add_parser("report", help="results table, curves, confusion matrices, provenance")
+    p.add_argument("--models", type=Path, default=Path("models"))
+    p.add_argument("--features", type=Path, default=Path("data/features"))
+    p.add_argument("--meta", type=Path, default=Path("data/meta"))
     p.add_argument("--out", type=Path, default=Path("reports"))
     p.set_defaults(func=_report)
 
@@ -166,6 +201,12 @@ def _add_tools(sub: Any) -> None:
     )
     p.set_defaults(func=_dvc_commit)
 
+    p = sub.add_parser(
+        "dvc-yaml", help="render dvc.yaml from the stage table (--check: fail if it differs)"
+    )
+    p.add_argument("--check", action="store_true")
+    p.set_defaults(func=_dvc_yaml, needs_params=False)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -176,7 +217,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         needs_params = getattr(args, "needs_params", True)
         params = params_mod.load(args.params) if needs_params else {}
-        args.func(args, params)
+        name = stage_name(args)
+        if name is None:
+            args.func(args, params)
+        else:
+            run_stage(name, args, params, list(argv if argv is not None else sys.argv[1:]))
     except InputError as exc:  # bad input a user can fix: one line naming it and the fix
         print(f"cola {args.stage}: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, params_mod.ParamsError) else 1
@@ -184,6 +229,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cola {args.stage}: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def run_stage(name: str, args: argparse.Namespace, params: dict, argv: list[str]) -> None:
+    """Run a stage on the params it declares (plus its speed knobs) and nothing else, so a key it
+    reads without declaring fails here, not silently in one tool; a pipeline job (the exact
+    command both tools run) also records what its outputs were built from (buildrecord.py)."""
+    from cola_audio import buildrecord, stages  # the table is no code dependency of a stage
+
+    stage = stages.STAGES[name]
+    job = stages.by_command(argv, params)
+    if job is None:
+        args.func(args, stage.readable(params))
+        return
+    stage, item = job
+    deps = [*stage.code(), *stage.dvc_deps()]
+    started = buildrecord.state(deps)
+    args.func(args, stage.readable(params))
+    outs = [stages.fill(o.path, item) for o in stage.outs.values()]
+    if not buildrecord.write(stage.addressing(item), stage.declared(params), started, deps, outs):
+        log.warning(
+            "%s: an input changed while it ran; not recorded as built, so `cola dvc-commit` "
+            "will not commit it (rerun it)",
+            stage.addressing(item),
+        )
 
 
 if __name__ == "__main__":

@@ -1,25 +1,31 @@
-"""`cola dvc-commit`: record what Snakemake built in dvc.lock without disturbing Snakemake.
+"""`cola dvc-commit`: record in dvc.lock what was built, and only what was built, without
+disturbing Snakemake.
 
-dvc.lock may only vouch for what Snakemake vouches for: a stage is committed when `snakemake
---summary` plans no update for any of its outputs (built from the current params, inputs and
-code). After a partial run (`--until`, a failed job elsewhere) the other stages keep their old
-lock entries, so `dvc status` still reports them changed.
+dvc.lock may only vouch for outputs built from the params, code and inputs DVC sees now. Every job
+records what it was built from (buildrecord.py); a stage DVC reports changed is committed only
+when its record matches DVC's view of it: the values of its declared params, and the state of each
+dependency (code included) and output. So Snakemake's own view of what is up to date is not
+trusted here: a stage it skipped (`--until`, a failed job elsewhere, `--touch`, `--rerun-triggers
+mtime`) keeps its old lock entry, `dvc status` still reports it changed, and DVC's run cache gets
+no entry pairing those params with outputs built from others.
 
-`dvc commit` moves outputs into the cache and copies them back (where the file system cannot
-reflink), which gives every output a new mtime in arbitrary order; Snakemake would then see
-"updated input files" and rebuild the pipeline on its next run. This snapshots the mtimes of every
-DVC output (files and folders, recursively), commits, and puts the mtimes back. Contents are
-untouched, so the hashes DVC just recorded stay valid.
+Committing moves outputs into the cache and copies them back where the file system cannot
+reflink, which gives them new mtimes; Snakemake would then see "updated input files" and rebuild.
+So each stage's output mtimes are put back after its commit (contents untouched, so the hashes DVC
+just recorded stay valid).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import subprocess
 from pathlib import Path
+from typing import Any
 
-from cola_audio import sync
+import yaml
+
+from cola_audio import buildrecord, sync
+from cola_audio.stages import lookup
 
 log = logging.getLogger(__name__)
 
@@ -46,38 +52,45 @@ def restore(times: dict[Path, int]) -> None:
             os.utime(path, ns=(times[path], times[path]), follow_symlinks=False)
 
 
-def up_to_date_outputs(summary: str) -> set[str]:
-    """Pure: outputs `snakemake --summary` (tab-separated, header row) plans no update for."""
-    return {out for out, plan in sync.summary_plans(summary).items() if plan == "no update"}
+def dvc_view(stage: Any, params: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
+    """(declared params with today's values, dependency paths, output paths) of a DVC stage."""
+    from dvc.dependency.param import ParamsDependency
 
-
-def vouched_stages(stage_outs: dict[str, list[str]], up_to_date: set[str]) -> list[str]:
-    """Pure: DVC stages every output of which Snakemake holds up to date."""
-    return sorted(s for s, outs in stage_outs.items() if outs and set(outs) <= up_to_date)
+    keys = [k for d in stage.deps if isinstance(d, ParamsDependency) for k in d.params or []]
+    deps = [d.def_path for d in stage.deps if not isinstance(d, ParamsDependency)]
+    return {k: lookup(params, k) for k in keys}, deps, [o.def_path for o in stage.outs]
 
 
 def run(repo: Path = Path(".")) -> int:
-    """Commit the stages Snakemake vouches for. When this Snakemake started in sync with DVC
-    (`cola sync-dvc`), also stamp the state: both tools agree on it, so the next start has
-    nothing to take in from DVC."""
-    dag = sync.pipeline(repo)
-    summary = sync.snakemake_report(repo, "--summary").stdout
-    stages = vouched_stages(dag.outs, up_to_date_outputs(summary))
-    skipped = sorted(set(dag.outs) - set(stages))
-    if skipped:
-        log.info("not committed (Snakemake plans an update or has not built them): %s", skipped)
-    if stages:
-        commit(repo, stages, dag.outs)
+    """Commit every changed stage whose build record matches DVC's view, upstream first. When
+    this Snakemake started in sync with DVC (`cola sync-dvc`), also stamp the state: both tools
+    agree on it, so the next start has nothing to take in from DVC."""
+    from dvc.repo import Repo, lock_repo
+
+    repo = Path(repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    committed, kept = [], []
+    with Repo(str(repo)) as dvc_repo, lock_repo(dvc_repo):
+        dag = sync.Pipeline(dvc_repo)
+        for stage in dag.stages:
+            if not stage.status().get(stage.addressing):
+                continue
+            values, deps, outs = dvc_view(stage, params)
+            why = buildrecord.mismatch(stage.name, values, deps, outs, repo)
+            if why is not None:
+                kept.append(f"{stage.name} ({why})")
+                continue
+            times = snapshot([repo / o for o in outs])
+            try:
+                stage.save()
+                stage.commit()
+                stage.dump(update_pipeline=False)
+            finally:  # even a failed commit may have relinked outputs from the cache
+                restore(times)
+            committed.append(stage.name)
+    if kept:
+        log.info("not committed, dvc.lock keeps their old entries: %s", "; ".join(kept))
+    log.info("dvc.lock updated for %d stages: %s", len(committed), ", ".join(committed) or "-")
     if os.environ.get(sync.SYNCED) == "1":
         sync.write_stamp(repo, dag.paths())
-    return len(stages)
-
-
-def commit(repo: Path, stages: list[str], stage_outs: dict[str, list[str]]) -> None:
-    outs = sorted({Path(repo) / o for s in stages for o in stage_outs[s]})
-    times = snapshot(outs)
-    try:
-        subprocess.run(["dvc", "commit", "--force", "--quiet", *stages], cwd=repo, check=True)
-    finally:  # even a failed commit may have relinked outputs from the cache
-        restore(times)
-    log.info("dvc.lock updated for %d stages; %d output mtimes kept", len(stages), len(times))
+    return len(committed)

@@ -322,11 +322,11 @@ def run(
 ) -> None:
     """One shard (`--shard K`), the gather step (`--gather`), or everything (neither)."""
     features = params["features"]
-    n_workers = features["workers"] if workers is None else workers
     if shard is not None and shard not in features["shards"]:
         raise BadInput(f"--shard {shard} is not one of features.shards = {features['shards']}")
     shards = [shard] if shard is not None else ([] if gather_only else features["shards"])
     if shards:
+        n_workers = features["workers"] if workers is None else workers
         tracks, sha1s = tracks_to_featurize(Path(meta_dir))
         for k in shards:
             doc = featurize_shard(tracks, k, features, Path(out_dir), n_workers, sha1s)

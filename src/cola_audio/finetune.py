@@ -15,7 +15,6 @@ from cola_audio.data import GenreData
 from cola_audio.errors import BadInput, MissingInput
 from cola_audio.models.classifier import GenreClassifier
 from cola_audio.models.encoder import load_encoder_weights
-from cola_audio.params import finetune_runs
 from cola_audio.stats import classification_metrics
 from cola_audio.store import FeatureStore
 
@@ -30,24 +29,28 @@ def run(
     params: dict[str, Any],
     run_name: str,
     seed: int,
+    mode: str,
     features: Path = Path("data/features"),
     meta_dir: Path = Path("data/meta"),
-    encoder: Path = Path("models/pretrain/encoder.safetensors"),
+    encoder: Path | None = None,
     out_dir: Path = Path("models/finetune"),
     callbacks: list | None = None,
     **trainer_overrides: Any,
 ) -> dict[str, Any]:
     """Wire data and model, fit (resuming only the same interrupted run), test the checkpoint
-    with the best validation accuracy, write metrics, predictions and the curve."""
+    with the best validation accuracy, write metrics, predictions and the curve. The run starts
+    from `encoder` when one is given (init pretrained), else from a random encoder."""
     cfg = params["finetune"]
+    if mode not in ("finetune", "linear"):
+        raise BadInput(f"--mode {mode!r}: choose finetune or linear")
     job = Job(
         cfg,
-        _run_spec(cfg, run_name, seed),
+        {"init": "scratch" if encoder is None else "pretrained", "mode": mode},
         run_name,
         seed,
         Path(features),
         Path(meta_dir),
-        Path(encoder),
+        None if encoder is None else Path(encoder),
         run_dir(out_dir, run_name, seed),
     )
     with checkpoints.exclusive(job.out):
@@ -65,7 +68,7 @@ class Job:
     seed: int
     features: Path
     meta_dir: Path
-    encoder: Path
+    encoder: Path | None
     out: Path
 
 
@@ -136,20 +139,23 @@ def _wire(job: Job) -> tuple[GenreData, GenreClassifier, str]:
     )
     data.setup()
     inputs = [*FeatureStore.files(job.features), job.meta_dir / "finetune.json"]
-    if spec["init"] == "pretrained":
+    if job.encoder is not None:
         if not job.encoder.is_file():
             raise MissingInput(f"{job.encoder}: no pretrained encoder; run `cola pretrain` first")
         inputs.append(job.encoder)
     identity = checkpoints.run_identity(
-        cfg, inputs, ignore=("seeds", "runs"), run=job.run_name, seed=job.seed, **spec
-    )
-    model = GenreClassifier(
-        n_classes=len(data.genres),
+        cfg,
+        inputs,
+        "finetune",
+        ignore=("seeds", "runs"),
+        run=job.run_name,
+        seed=job.seed,
         **spec,
-        **training.model_hparams(GenreClassifier, cfg),
-        run_identity=identity,
     )
-    if spec["init"] == "pretrained":
+    model = GenreClassifier.from_params(
+        cfg, len(data.genres), spec["init"], spec["mode"], run_identity=identity
+    )
+    if job.encoder is not None:
         load_encoder_weights(model.encoder, job.encoder)
     return data, model, identity
 
@@ -178,17 +184,6 @@ def _fit(
     )
     trainer.fit(model, data, ckpt_path=resume, weights_only=True)
     return trainer, best_cb
-
-
-def _run_spec(cfg: dict[str, Any], run_name: str, seed: int) -> dict[str, str]:
-    runs = finetune_runs(cfg)
-    if run_name not in runs:
-        raise BadInput(
-            f"--run {run_name!r} is not in finetune.runs; choose one of {', '.join(runs)}"
-        )
-    if seed not in cfg["seeds"]:
-        raise BadInput(f"--seed {seed} is not in finetune.seeds {cfg['seeds']}; add it there first")
-    return runs[run_name]
 
 
 def _load_best(out: Path, best_cb: Any, max_steps: int, run_name: str) -> dict[str, Any]:

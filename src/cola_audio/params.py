@@ -7,6 +7,7 @@ allowed.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,18 @@ class ParamsError(InputError, ValueError):
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "workflow" / "schemas"
 
 
+# libyaml's parser where PyYAML has it: the pure-Python one takes 0.1 s for the schema alone
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@functools.cache
 def load_schema(name: str = SCHEMA_NAME) -> dict[str, Any]:
-    """A schema from workflow/schemas/ (the package is installed editable from the repository)."""
+    """A schema from workflow/schemas/ (the package is installed editable from the repository);
+    read once per process, never to be modified."""
     path = SCHEMA_DIR / name
     if not path.is_file():
         raise ParamsError(f"{path}: schema missing; install the package with `pip install -e .`")
-    return yaml.safe_load(path.read_text())
+    return yaml.load(path.read_text(), Loader=YAML_LOADER)
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
@@ -134,14 +141,13 @@ def _data_and_run_problems(params: dict[str, Any]) -> list[str]:
             f"finetune.val_every_n_epochs = {ft['val_every_n_epochs']} exceeds max_epochs "
             f"{ft['max_epochs']}: no validation would ever select a checkpoint"
         )
-    runs = ft["runs"]
-    if not runs["scratch"] and not runs["pretrained"]:
-        problems.append("finetune.runs lists no run under scratch or pretrained")
-    if both := sorted(set(runs["scratch"]) & set(runs["pretrained"])):
-        problems.append(f"finetune.runs: {', '.join(both)} listed under scratch and pretrained")
-    known = set(runs["scratch"]) | set(runs["pretrained"])
+    names = [n for by_init in ft["runs"].values() for ns in by_init.values() for n in ns]
+    if not names:
+        problems.append("finetune.runs lists no run")
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"finetune.runs: {', '.join(twice)} listed more than once")
     for pair in params["report"]["comparisons"]:
-        if unknown := [r for r in pair if r not in known]:
+        if unknown := [r for r in pair if r not in names]:
             problems.append(
                 f"report.comparisons {pair}: {', '.join(unknown)} not a run of finetune.runs"
             )
@@ -149,65 +155,48 @@ def _data_and_run_problems(params: dict[str, Any]) -> list[str]:
 
 
 def finetune_runs(finetune: dict[str, Any]) -> dict[str, dict[str, str]]:
-    """Run name → {init, mode}, from params' runs grouped by the encoder they start from."""
+    """Run name → {init, mode}, from params' run lists grouped by mode, then by the encoder the
+    run starts from."""
     return {
         name: {"init": init, "mode": mode}
-        for init in ("scratch", "pretrained")
-        for name, mode in sorted(finetune["runs"][init].items())
+        for mode, by_init in finetune["runs"].items()
+        for init, names in by_init.items()
+        for name in names
     }
 
 
-# Keys that change how fast a stage runs, never what it computes. No stage declares them, so an
-# edit reruns nothing in either tool. (`download` as a whole is transport: mirror, retries,
-# timeouts; the archives' SHA1s, under data.fma, fix what is downloaded.) `num_workers` is not
-# one: loader workers draw the random crops from their own seeded generators, so the crops, and
-# the trained weights, depend on it.
-SPEED_KEYS = {"features": ("workers",)}
+def overrides(config: dict[str, Any], path: str | Path = "params.yaml") -> list[str]:
+    """Pure but for reading `path`: the dotted keys whose value in `config` (what Snakemake made
+    of params.yaml plus --config/--configfile) differs from the file's."""
+    on_disk = yaml.safe_load(Path(path).read_text())
+
+    def walk(a: Any, b: Any, prefix: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [
+                k
+                for key in sorted({*a, *b}, key=str)
+                for k in walk(a.get(key, _MISSING), b.get(key, _MISSING), f"{prefix}{key}.")
+            ]
+        return [] if a == b and type(a) is type(b) else [prefix.rstrip(".")]
+
+    return walk(config, on_disk, "")
 
 
-def declared_params(
-    params: dict[str, Any], section: str, skip: tuple[str, ...] = ()
-) -> dict[str, Any]:
-    """`section.key` → value for every key of a stage's section that can change its result,
-    as both orchestrators declare them (one entry per key, as DVC's get-started example does)."""
-    skip = SPEED_KEYS.get(section, ()) + skip
-    return {f"{section}.{k}": v for k, v in params[section].items() if k not in skip}
+_MISSING = object()
 
 
-def pick(params: dict[str, Any], *keys: str) -> dict[str, Any]:
-    """`section.key` → value for each dotted key named."""
-    out = {}
-    for key in keys:
-        value: Any = params
-        for part in key.split("."):
-            value = value[part]
-        out[key] = value
-    return out
-
-
-def data_params(params: dict[str, Any]) -> dict[str, Any]:
-    """The data keys that decide which audio lands in data/raw: the source, the two subsets and
-    that source's own section (data.synthetic or data.fma), never the other source's."""
-    source = params["data"]["source"]
-    return pick(
-        params, "data.source", "data.finetune_subset", "data.pretrain_subset", f"data.{source}"
-    )
-
-
-def report_params(params: dict[str, Any]) -> dict[str, Any]:
-    """What the report reads from params: its own section, which runs and seeds to score, and
-    how the data was sourced. The stages upstream are traced by their outputs' hashes and each
-    run's identity, not by their params again."""
-    return pick(
-        params,
-        "report",
-        "finetune.runs",
-        "finetune.seeds",
-        "finetune.crop_frames",
-        "data.source",
-        "data.finetune_subset",
-        "data.pretrain_subset",
-    )
+def refuse_overrides(config: dict[str, Any], path: str | Path = "params.yaml") -> None:
+    """Stop before any job when --config/--configfile changed a value: every job reads params.yaml
+    (as DVC does), so the override would be ignored by the computation while Snakemake and
+    dvc.lock recorded it."""
+    keys = overrides(config, path)
+    if keys:
+        shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+        raise ParamsError(
+            f"--config/--configfile override {shown}, but every job reads {path}: edit {path} "
+            f"instead, or try a variant with `dvc exp run -S {keys[0]}=VALUE` (an experiment "
+            "DVC records); nothing was run"
+        )
 
 
 def load(path: str | Path = "params.yaml") -> dict[str, Any]:
@@ -215,7 +204,7 @@ def load(path: str | Path = "params.yaml") -> dict[str, Any]:
     if not path.is_file():
         raise ParamsError(f"{path}: not found. Run from the repository root or pass --params PATH.")
     try:
-        params = yaml.safe_load(path.read_text())
+        params = yaml.load(path.read_text(), Loader=YAML_LOADER)
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(params, dict):

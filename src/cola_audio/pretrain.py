@@ -44,9 +44,9 @@ def _run(
     )
     data.setup()
     identity = checkpoints.run_identity(
-        cfg, [*FeatureStore.files(features), Path(meta_dir) / "pretrain.json"]
+        cfg, [*FeatureStore.files(features), Path(meta_dir) / "pretrain.json"], "pretrain"
     )
-    model = ColaModule(**training.model_hparams(ColaModule, cfg), run_identity=identity)
+    model = ColaModule.from_params(cfg, run_identity=identity)
     resume = checkpoints.resume_point(out_dir, identity)
     curves.prepare_logs(out_dir, resume)
     _, savers = checkpoints.checkpoint_callbacks(out_dir, "train_loss_epoch", "min")

@@ -1,8 +1,9 @@
 """`cola report`: results table, curves, confusion matrices and provenance, as Markdown and HTML.
 
 Every number in the report is read from an artifact of the pipeline, and the provenance section
-names the code (git commit), the parameters (a hash) and the data (file hashes as DVC computes them)
-it came from.
+names the parameters (a hash), each run's identity (its params, input bytes and code) and the data
+(file hashes as DVC computes them) it came from. The report's bytes are a function of its declared
+inputs alone: no clock, no git commit (dvc.lock, committed beside it, pins the code).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import subprocess
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from markdown_it import MarkdownIt  # noqa: E402
 
 from cola_audio import digest, fsutil, meta, stats  # noqa: E402
 from cola_audio.errors import BadInput  # noqa: E402
-from cola_audio.params import finetune_runs, report_params  # noqa: E402
+from cola_audio.params import finetune_runs  # noqa: E402
 from cola_audio.store import FeatureStore  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -34,20 +34,6 @@ log = logging.getLogger(__name__)
 
 def params_hash(params: dict[str, Any]) -> str:
     return digest.json_digest(params)[:12]
-
-
-def git_state(repo: Path = Path(".")) -> dict[str, Any]:
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=repo, capture_output=True, text=True, check=True
-        ).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return {"commit": "unknown (not a git checkout)", "dirty": None}
-    return {"commit": commit, "dirty": dirty}
 
 
 def load_scored(
@@ -285,7 +271,6 @@ def render_markdown(table: pd.DataFrame, context: dict[str, Any]) -> str:
         conf=f"{context['confidence']:.0%}",
         rows=rows,
         comparisons=[comparison_sentence(d, context["confidence"]) for d in context["comparisons"]],
-        git=prov["git"],
         params_hash=prov["params_hash"],
         features=prov["features"],
         skipped=skipped,
@@ -309,7 +294,6 @@ def render_html(markdown: str, figures: Path) -> str:
 
 def run(
     params: dict[str, Any],
-    params_path: Path = Path("params.yaml"),
     out_dir: Path = Path("reports"),
     models: Path = Path("models"),
     features: Path = Path("data/features"),
@@ -415,8 +399,7 @@ def provenance(params: dict[str, Any], features: Path, models: Path) -> dict[str
         models / "pretrain" / "encoder.safetensors",
     ]
     return {
-        "git": git_state(),
-        "params_hash": params_hash(report_params(params)),
+        "params_hash": params_hash(params),
         "run_identities": identities,
         "features": fsutil.read_json(features / "summary.json"),
         "skipped": pd.read_csv(features / "skipped.csv").to_dict("records"),

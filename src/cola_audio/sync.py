@@ -3,7 +3,9 @@
 Snakemake and DVC keep separate records of what is up to date (`.snakemake/` metadata and mtimes,
 `dvc.lock` hashes). After every Snakemake run `cola dvc-commit` copies Snakemake's view into
 dvc.lock (only for stages Snakemake holds up to date). This module is the other direction, run by
-the Snakefile each time Snakemake starts (workflow/rules/common.smk), dry runs included:
+Snakemake before it plans the jobs of a real run (the first input function Snakemake calls,
+workflow/rules/common.smk); a dry run (`-n`, `--summary`, `--report`, ...) changes nothing and
+only says that a real run would sync first:
 
 1. **Restore.** A stage DVC reports changed is checked out from DVC's cache when its current
    code, inputs and params match a run DVC has recorded (its run cache, filled by `dvc repro`,
@@ -117,9 +119,10 @@ def blocked(repo: Path) -> str | None:
     return None
 
 
-def at_snakemake_start(data_source: str, repo: Path = Path(".")) -> None:
-    """The Snakefile's hook: sync when DVC is in use here and something changed since last time.
-    `data_source` is data.source from the config Snakemake already read and validated."""
+def before_planning(data_source: str, real_run: bool, repo: Path = Path(".")) -> None:
+    """The Snakefile's hook: sync when DVC is in use here and something changed since last time,
+    in a real run only. `data_source` is data.source from the config Snakemake already read and
+    validated."""
     repo = Path(repo)
     why_not = blocked(repo)
     if why_not is not None:
@@ -127,6 +130,13 @@ def at_snakemake_start(data_source: str, repo: Path = Path(".")) -> None:
             say(f"skipped: {why_not}")
         return
     reason = needed(repo)
+    if reason is not None and not real_run:
+        say(
+            "DVC's records changed since the two tools last agreed; this dry run changes "
+            "nothing, so it may list jobs that a real run restores from DVC's cache or adopts "
+            "from DVC instead of running (`snakemake` or `cola sync-dvc` syncs first)"
+        )
+        return
     if reason is not None:
         from dvc.lock import LockError
 

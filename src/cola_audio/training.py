@@ -3,7 +3,6 @@ every run carries (epoch seeds, precise BatchNorm)."""
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import os
 from pathlib import Path
@@ -16,12 +15,21 @@ from pytorch_lightning.loggers import CSVLogger
 from cola_audio.data import epoch_seed
 from cola_audio.models.batchnorm import recompute_batchnorm
 
-
-def model_hparams(model_class: type, section: dict[str, Any]) -> dict[str, Any]:
-    """The keys of a params section that `model_class`'s constructor takes, with their values:
-    the hyperparameter list is the constructor's signature, written nowhere else."""
-    names = inspect.signature(model_class.__init__).parameters
-    return {k: section[k] for k in names if k in section}
+# The keys of a training section that drive the Trainer and the data, not the model: with the
+# model's own (ColaModule's arguments; classifier.model_keys), every key a training stage declares.
+TRAINER_KEYS = (
+    "seed",
+    "crop_frames",
+    "batch_size",
+    "eval_batch_size",
+    "precise_bn_batches",
+    "max_epochs",
+    "max_steps",
+    "val_every_n_epochs",
+    "num_workers",
+    "threads",
+    "trainer",
+)
 
 
 def resolve_precision(trainer_cfg: dict[str, Any]) -> str:
@@ -46,7 +54,10 @@ def make_trainer(
     **overrides: Any,
 ) -> pl.Trainer:
     cfg = section["trainer"]
-    callbacks = [*callbacks, EpochSeeds(seed), PreciseBatchNorm(section["precise_bn_batches"])]
+    callbacks = [*callbacks, EpochSeeds(seed)]
+    if "precise_bn_batches" in section:  # linear evaluation of a pretrained encoder declares
+        # none: no BatchNorm layer of it trains, so there is nothing to recompute
+        callbacks.append(PreciseBatchNorm(section["precise_bn_batches"]))
     accelerator = "gpu" if cfg["accelerator"] == "cuda" else cfg["accelerator"]
     on_gpu = uses_gpu(cfg)
     kwargs: dict[str, Any] = {

@@ -1,40 +1,89 @@
-# What the rules share: the validated config, the stage source files, the shard and run lists.
+# What the rules share: the validated config, the stage table they read, the DVC hooks.
 import functools
+import re
 import subprocess
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from snakemake.utils import validate
+from cola_audio import sync
+from cola_audio.params import ParamsError, refuse_overrides, validate
+from cola_audio.stages import STAGES, Folder, all_outputs, fill, lookup, training_stages
 
-from cola_audio.sync import at_snakemake_start as sync_with_dvc
-from cola_audio.params import (
-    data_params,
-    declared_params,
-    finetune_runs,
-    pick,
-    report_params,
-)
-
-validate(config, schema="../schemas/params.schema.yaml")
-
-if workflow.is_main_process:
-    # Take in what DVC did since the last run (restore from its cache, adopt what it verified)
-    # before Snakemake plans; milliseconds when nothing changed (src/cola_audio/sync.py).
-    sync_with_dvc(config["data"]["source"])
-
-SRC = "src/cola_audio"
-SHARDS = [str(k) for k in config["features"]["shards"]]
-RUNS = finetune_runs(config["finetune"])
-SEEDS = config["finetune"]["seeds"]
-SCRATCH_RUNS = sorted(config["finetune"]["runs"]["scratch"])
-PRETRAINED_RUNS = sorted(config["finetune"]["runs"]["pretrained"])
+try:  # a --config/--configfile value would reach Snakemake's records but no job: refuse it,
+    refuse_overrides(config, "params.yaml")
+    # then the checks every `cola` command runs: the schema, relations between values
+    validate(config, "params.yaml")
+except ParamsError as exc:
+    raise WorkflowError(str(exc))
 
 
 wildcard_constraints:
     shard=r"\d+",
-    run=r"[a-z0-9]+(-[a-z0-9]+)*",
     seed=r"\d+",
+
+
+def dvc_sync(wildcards):
+    """The first input of every rule: before the first job is planned, a real run takes in what
+    DVC did since the last run (restore from its cache, adopt what it verified; milliseconds
+    when nothing changed: src/cola_audio/sync.py). A dry run (-n, --summary, --report, ...)
+    only says so: the executor, known once jobs are planned, tells the two apart."""
+    if not DVC_SYNC["done"] and workflow.is_main_process:
+        DVC_SYNC["done"] = True
+        plugin = workflow.executor_plugin
+        real_run = plugin is not None and not workflow.dryrun and not workflow.touch
+        sync.before_planning(config["data"]["source"], real_run)
+        # The sync's nested Snakemake calls delete .snakemake/locks when they end; this one
+        # made it before planning and writes its own locks there next.
+        Path(".snakemake", "locks").mkdir(parents=True, exist_ok=True)
+    return []
+
+
+DVC_SYNC = {"done": False}
+
+
+def stage_input(name):
+    """The stage's code (its module's import closure) and data inputs, by name."""
+    stage = STAGES[name]
+    deps = {
+        key: dep.files(config) if isinstance(dep, Folder) else dep
+        for key, dep in stage.deps.items()
+    }
+    return {"dvc_sync": dvc_sync, "code": stage.code(), **deps}
+
+
+def stage_output(name, **in_report):
+    """The stage's outputs, by name; `in_report` marks some for `snakemake --report`."""
+    outputs = {}
+    for key, out in STAGES[name].outs.items():
+        path = directory(out.path) if out.folder else out.path
+        outputs[key] = report(path, **in_report[key]) if key in in_report else path
+    return outputs
+
+
+def stage_params(name):
+    """One param holding every declared key with its value: Snakemake compares a rule's params
+    as a set of values, so only a keyed mapping makes every edit of every key visible.
+    """
+    return STAGES[name].declared(config)
+
+
+def stage_shell(name):
+    """The stage's command as DVC runs it, with Snakemake's wildcards, logged."""
+    command = re.sub(r"\{(\w+)\}", r"{wildcards.\1}", STAGES[name].command())
+    return f"{command} > {{log}} 2>&1"
+
+
+def job_command(name):
+    """The stage's command for one job, as a param function bound to `name` (for rules made in
+    a loop, whose shell text is evaluated when the job runs)."""
+    return lambda wildcards: fill(STAGES[name].command(), wildcards)
+
+
+def run_names(name):
+    """The wildcard constraint of a training stage: exactly the runs its params list names."""
+    names = lookup(config, STAGES[name].matrix["run"])
+    return "|".join(re.escape(n) for n in names) or "no-run"
 
 
 # What download and featurize (process pools; their bytes do not depend on the count) ask for:
@@ -97,65 +146,14 @@ def folder_listing():
     return listing(config["data"]["folder"])
 
 
-def code(*modules):
-    """The stage's own source files: editing them reruns the stage (as DVC deps do)."""
-    return [f"{SRC}/{m}.py" for m in modules]
-
-
-def shard_outputs(suffix):
-    return expand("data/features/shards/{shard}.{suffix}", shard=SHARDS, suffix=suffix)
-
-
-def finetune_outputs(run, seed):
-    folder = f"models/finetune/{run}/seed-{seed}"
-    return [
-        f"{folder}/metrics.json",
-        f"{folder}/predictions.csv",
-        f"{folder}/curve.csv",
-    ]
-
-
-def finetune_params():
-    """Every finetune key a run's result depends on, one entry each (as dvc.yaml declares them):
-    the seed list is left out, so adding a seed runs only the new jobs."""
-    return declared_params(config, "finetune", skip=("seeds",))
-
-
-def all_predictions():
-    """Every run × seed's test predictions: what the report's statistics are computed from."""
-    return [
-        finetune_outputs(run, seed)[1] for run in sorted(RUNS) for seed in sorted(SEEDS)
-    ]
-
-
-def get_final_output():
-    """Every stage's outputs, not just the report's: Snakemake lets an intermediate file be
-    missing while everything after it is up to date (as if it were temp()), so a shard deleted
-    or lost to a kill would never be rebuilt. As targets, missing ones are (as `dvc repro` does).
-    """
-    return [
-        *rules.download.output,
-        *rules.prepare.output,
-        *expand(rules.featurize_shard.output, shard=SHARDS),
-        *rules.featurize_gather.output,
-        *rules.pretrain.output,
-        *(
-            f
-            for run in sorted(RUNS)
-            for seed in sorted(SEEDS)
-            for f in finetune_outputs(run, seed)
-        ),
-        *rules.report.output,
-    ]
-
-
 onsuccess:
-    # Record what Snakemake built in dvc.lock, so `dvc status` is clean and `dvc push` shares it.
+    # Record what Snakemake built in dvc.lock, so `dvc status` is clean and `dvc push` shares it:
+    # only stages whose build records match DVC's view (src/cola_audio/buildrecord.py).
     if Path(".dvc").is_dir():
         shell("cola dvc-commit")
 
 
 onerror:
-    # The jobs that did finish are recorded too (only stages Snakemake holds up to date).
+    # The jobs that did finish are recorded too.
     if Path(".dvc").is_dir():
         shell("cola dvc-commit")

@@ -1,9 +1,9 @@
 rule download:
     """FMA archives (verified) or the embedded dataset, in the release's layout."""
     input:
-        code("download", "synthetic", "fma", "folder", "digest"),
+        **stage_input("download"),
     output:
-        directory("data/raw"),
+        **stage_output("download"),
     log:
         "logs/download.log",
     benchmark:
@@ -12,22 +12,18 @@ rule download:
     resources:
         mem_mb=node_mem_mb(2000),
     params:
-        **data_params(config),  # only what changes the audio: never `download` (transport)
+        declared=stage_params("download"),
         folder_files=folder_listing(),  # data.source: folder: the files themselves
     shell:
-        "cola --params params.yaml download > {log} 2>&1"
+        stage_shell("download")
 
 
 rule prepare:
     """Metadata JSON: official split, stable label ids, leakage-free pretraining set."""
     input:
-        code("prepare", "fma", "folder", "meta"),
-        "workflow/schemas/meta.schema.yaml",
-        "data/raw",
+        **stage_input("prepare"),
     output:
-        "data/meta/labels.json",
-        "data/meta/finetune.json",
-        "data/meta/pretrain.json",
+        **stage_output("prepare"),
     log:
         "logs/prepare.log",
     benchmark:
@@ -36,7 +32,6 @@ rule prepare:
     resources:
         mem_mb=node_mem_mb(2000),
     params:
-        **pick(config, "data.finetune_subset", "data.pretrain_subset"),
-        prepare=config["prepare"],
+        declared=stage_params("prepare"),
     shell:
-        "cola --params params.yaml prepare > {log} 2>&1"
+        stage_shell("prepare")

@@ -1,13 +1,9 @@
 rule featurize_shard:
     """One shard of the log-mel store; shards run as parallel jobs (or cluster jobs)."""
     input:
-        code("featurize", "frontend", "meta", "digest"),
-        "data/raw",
-        "data/meta/finetune.json",
-        "data/meta/pretrain.json",
+        **stage_input("featurize_shard"),
     output:
-        "data/features/shards/{shard}.npy",
-        "data/features/shards/{shard}.json",
+        **stage_output("featurize_shard"),
     log:
         "logs/featurize/{shard}.log",
     benchmark:
@@ -16,21 +12,17 @@ rule featurize_shard:
     resources:
         mem_mb=node_mem_mb(4000),
     params:
-        **declared_params(config, "features"),
+        declared=stage_params("featurize_shard"),
     shell:
-        "cola --params params.yaml featurize --shard {wildcards.shard} > {log} 2>&1"
+        stage_shell("featurize_shard")
 
 
 rule featurize_gather:
     """Join shard indexes; fail past the skipped-clip threshold, naming the files."""
     input:
-        code("featurize"),
-        shard_outputs("npy"),
-        shard_outputs("json"),
+        **stage_input("featurize_gather"),
     output:
-        "data/features/index.csv",
-        "data/features/skipped.csv",
-        "data/features/summary.json",
+        **stage_output("featurize_gather"),
     log:
         "logs/featurize/gather.log",
     benchmark:
@@ -39,6 +31,6 @@ rule featurize_gather:
     resources:
         mem_mb=node_mem_mb(1000),
     params:
-        **declared_params(config, "features"),
+        declared=stage_params("featurize_gather"),
     shell:
-        "cola --params params.yaml featurize --gather > {log} 2>&1"
+        stage_shell("featurize_gather")

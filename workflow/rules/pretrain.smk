@@ -1,34 +1,12 @@
 rule pretrain:
     """COLA contrastive pretraining; on a GPU when the executor grants one."""
     input:
-        code(
-            "pretrain",
-            "training",
-            "optim",
-            "checkpoints",
-            "digest",
-            "curves",
-            "data",
-            "store",
-            "params",
-            "meta",
-            "models/cola",
-            "models/encoder",
-            "models/batchnorm",
-        ),
-        shard_outputs("npy"),
-        shard_outputs("json"),
-        "data/features/index.csv",
-        "data/features/summary.json",
-        "data/meta/pretrain.json",
+        **stage_input("pretrain"),
     output:
-        "models/pretrain/encoder.safetensors",
-        report(
-            "models/pretrain/curve.csv",
-            caption="../report/pretrain_curve.rst",
-            category="Pretraining",
+        **stage_output(
+            "pretrain",
+            curve=dict(caption="../report/pretrain_curve.rst", category="Pretraining"),
         ),
-        "models/pretrain/summary.json",
     log:
         "logs/pretrain.log",
     benchmark:
@@ -39,6 +17,6 @@ rule pretrain:
         mem_mb=node_mem_mb(16000),
         runtime=720,
     params:
-        **declared_params(config, "pretrain"),
+        declared=stage_params("pretrain"),
     shell:
-        "cola --params params.yaml pretrain > {log} 2>&1"
+        stage_shell("pretrain")

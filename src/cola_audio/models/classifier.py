@@ -24,28 +24,50 @@ def clip_logits(window_logits: torch.Tensor, clip: torch.Tensor, n_clips: int) -
     return sums / counts
 
 
+def model_keys(mode: str) -> dict[str, str]:
+    """Constructor argument → the finetune key that sets it, for a run of `mode`: the same name,
+    except that linear evaluation trains its head at `linear_lr` and has no `bn_momentum` (a
+    frozen encoder's BatchNorm statistics never move). What a fine-tuning stage declares beyond
+    these drives the trainer and the data (training.TRAINER_KEYS)."""
+    shared = ("pooling", "input_norm", "dropout", "weight_decay", "lr_schedule", "warmup_steps")
+    own = {"lr": "lr", "bn_momentum": "bn_momentum"} if mode == "finetune" else {"lr": "linear_lr"}
+    return {**{k: k for k in shared}, **own}
+
+
 class GenreClassifier(pl.LightningModule):
+    """No hyperparameter has a default here: `from_params` passes each from params.yaml's finetune
+    section (model_keys), the one place values are set."""
+
+    @classmethod
+    def from_params(
+        cls, section: dict[str, Any], n_classes: int, init: str, mode: str, run_identity: str = ""
+    ) -> GenreClassifier:
+        hparams = {arg: section[key] for arg, key in model_keys(mode).items()}
+        return cls(n_classes, init, mode, **hparams, run_identity=run_identity)
+
     def __init__(
         self,
         n_classes: int,
-        init: str = "scratch",
-        mode: str = "finetune",
-        pooling: str = "max",
-        input_norm: str = "crop",
-        bn_momentum: float = 0.1,
-        dropout: float = 0.2,
-        lr: float = 1e-3,
-        linear_lr: float = 1e-2,
-        weight_decay: float = 0.0,
-        lr_schedule: str = "cosine",
-        warmup_steps: int = 0,
+        init: str,
+        mode: str,
+        pooling: str,
+        input_norm: str,
+        dropout: float,
+        lr: float,
+        weight_decay: float,
+        lr_schedule: str,
+        warmup_steps: int,
+        bn_momentum: float | None = None,
         run_identity: str = "",
     ) -> None:
         super().__init__()
         if mode not in ("finetune", "linear"):
             raise ValueError(f"mode must be finetune or linear, got {mode!r}")
+        if (bn_momentum is None) != (mode == "linear"):
+            raise ValueError("bn_momentum is set for finetune runs only (a frozen encoder's is 0)")
         self.save_hyperparameters()
-        self.encoder = Encoder(pooling, input_norm, bn_momentum)
+        # momentum 0: a frozen encoder's running statistics stay what they were
+        self.encoder = Encoder(pooling, input_norm, 0.0 if bn_momentum is None else bn_momentum)
         self.dropout = torch.nn.Dropout(dropout)
         self.head = torch.nn.Linear(EMBED_DIM, n_classes)
         if mode == "linear":
@@ -166,5 +188,5 @@ class GenreClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         if self.linear:
-            return adam_with_schedule(self, self.head.parameters(), self.hparams.linear_lr)
+            return adam_with_schedule(self, self.head.parameters(), self.hparams.lr)
         return adam_with_schedule(self, self.parameters(), self.hparams.lr)

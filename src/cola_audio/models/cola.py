@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cola_audio.models.encoder import EMBED_DIM, Encoder
+from cola_audio.models.hparams import hyperparameter_keys
 from cola_audio.optim import adam_with_schedule
 
 # E[tanh(x)²] for x ~ N(0, 1): LayerNorm gives each embedding unit variance per dimension, so a
@@ -46,21 +47,30 @@ def similarity_logits(
 
 
 class ColaModule(pl.LightningModule):
+    """Every hyperparameter is a key of params.yaml's pretrain section, under the same name and
+    without a default here: params.yaml (validated by the schema) is the one place values are set,
+    and `from_params` passes each one (a key missing from the section is an error, not a default).
+    """
+
+    @classmethod
+    def from_params(cls, section: dict[str, Any], run_identity: str = "") -> ColaModule:
+        return cls(**{k: section[k] for k in hyperparameter_keys(cls)}, run_identity=run_identity)
+
     def __init__(
         self,
-        pooling: str = "max",
-        input_norm: str = "crop",
-        bn_momentum: float = 0.1,
-        embedding_dim: int = 512,
-        similarity: str = "bilinear",
-        temperature: float = 0.2,
-        dropout: float = 0.1,
-        positive_noise_std: float = 0.0,
-        bilinear_lr_scale: float = 0.1,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        lr_schedule: str = "cosine",
-        warmup_steps: int = 0,
+        pooling: str,
+        input_norm: str,
+        bn_momentum: float,
+        embedding_dim: int,
+        similarity: str,
+        temperature: float,
+        dropout: float,
+        positive_noise_std: float,
+        bilinear_lr_scale: float,
+        lr: float,
+        weight_decay: float,
+        lr_schedule: str,
+        warmup_steps: int,
         run_identity: str = "",
     ) -> None:
         super().__init__()
