@@ -45,6 +45,8 @@ PIPELINE_RULES = (
     "pretrain",
     "finetune_scratch",
     "finetune_pretrained",
+    "linear_scratch",
+    "linear_pretrained",
     "report",
 )
 

@@ -53,9 +53,10 @@ def snakemake_stages(repo: Path, forceall: bool = True) -> dict[str, Stage]:
             "cmd": re.sub(r"\s*>\s*\S+\s+2>&1$", "", job["shellcmd"].strip()),
             "deps": sorted(job["input"]),
             "outs": sorted(job["output"]),
-            # folder_files: the fingerprint of audio outside the repository, which DVC cannot
-            # watch (README: `dvc repro -f download` after editing that folder).
-            "params": sorted(k for k in job["params"] if k != "folder_files"),
+            # One keyed param per rule (stages.Stage.declared); folder_files, the fingerprint of
+            # audio outside the repository, is Snakemake's alone (DVC cannot watch it).
+            "params": sorted(job["params"]["declared"]),
+            "values": job["params"]["declared"],
         }
     return stages
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cola_audio.params import finetune_runs
 from conftest import PIPELINE_RULES, REPO, sh, tiny_checkout
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -92,7 +93,7 @@ def test_the_slurm_profile_runs_every_rule_as_a_slurm_job(built):
     assert {rule for rule, _ in jobs} == REMOTE_RULES
     assert all(state == "COMPLETED" for _, state in jobs), jobs
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    runs = sum(len(r) for r in params["finetune"]["runs"].values())
+    runs = len(finetune_runs(params["finetune"]))
     shards = len(params["features"]["shards"])
     expected = 5 + shards + runs * len(params["finetune"]["seeds"])
     assert len(jobs) == expected, jobs
@@ -114,8 +115,8 @@ def test_an_ssh_remote_shares_the_cluster_build_with_a_fresh_clone(built):
         sh("dvc pull -q", clone)
         encoder = Path("models") / "pretrain" / "encoder.safetensors"
         assert (clone / encoder).read_bytes() == (repo / encoder).read_bytes()
-        dry = sh("snakemake --cores 2 -n", clone)  # adopts what DVC verified, by itself
-        assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
+        run = sh("snakemake --cores 2", clone)  # adopts what DVC verified, by itself
+        assert "Nothing to be done" in run.stdout + run.stderr, run.stdout[-3000:]
         assert json.loads(sh("dvc status --json", clone).stdout or "{}") == {}
     finally:
         subprocess.run(["bash", str(SCRIPTS / "sshd-down.sh"), str(keys)], capture_output=True)

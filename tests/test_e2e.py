@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import subprocess
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,9 @@ import pytest
 import yaml
 from dag import dvc_stages, snakemake_stages, with_downstream
 
+from cola_audio import digest
+from cola_audio.params import finetune_runs, validate
+from cola_audio.stages import MODES, STAGES, lookup
 from conftest import PIPELINE_RULES, sh, tiny_checkout
 
 pytestmark = pytest.mark.slow
@@ -25,15 +29,19 @@ def stages_run(dvc_output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", dvc_output))
 
 
-def finetune_stages(params: dict) -> set[str]:
-    """finetune_<init>@<run>-<seed> for every run × seed in params."""
+def finetune_stages(params: dict, modes: tuple[str, ...] = MODES) -> set[str]:
+    """<mode>_<init>@<run>-<seed> for every run × seed in params (of `modes`)."""
     ft = params["finetune"]
     return {
-        f"finetune_{init}@{run}-{seed}"
-        for init, runs in ft["runs"].items()
-        for run in runs
+        f"{spec['mode']}_{spec['init']}@{run}-{seed}"
+        for run, spec in finetune_runs(ft).items()
+        if spec["mode"] in modes
         for seed in ft["seeds"]
     }
+
+
+def dvc_changed(repo: Path) -> set[str]:
+    return set(json.loads(sh("dvc status --json", repo).stdout or "{}"))
 
 
 RUNS = ("scratch-finetune", "random-linear", "pretrained-finetune", "pretrained-linear")
@@ -135,20 +143,193 @@ def test_speed_and_transport_knobs_rerun_nothing_in_either_tool(work):
         assert "rule download:" in sh("snakemake --cores 2 -n", repo).stdout
 
 
-def test_a_new_seed_schedules_only_its_own_jobs_in_both_tools(work):
+def _other_values(value, candidates: list, collide: bool) -> list:
+    """Other values for a key: those another declared key holds (`collide`: the edits a set of
+    values without keys cannot see), or else plain alternatives of the same type."""
+    if collide:
+        return [c for c in candidates if type(c) is type(value) and c != value]
+    if isinstance(value, bool):
+        return [not value]
+    if isinstance(value, int | float):
+        return [value + 1, value * 2, value / 2, value + 0.05, value - 0.05, abs(value) + 2]
+    if isinstance(value, list):
+        if not value or not isinstance(value[-1], int | float):
+            return [value[:-1], [*value, f"{value[-1]}-2"]]  # a run less, or one more
+        return [value[:-1], [*value[:-1], value[-1] + 1], [*value, value[-1] + 1]]
+    if isinstance(value, str):  # enum values: validation keeps the ones allowed for the key
+        return ["avg", "none", "constant", "cosine", "fma", "cpu", "ddp", "32", "medium", 1]
+    return []
+
+
+def _leaves(prefix: str, value) -> list[tuple[str, object]]:
+    if isinstance(value, dict):
+        return [leaf for k, v in value.items() for leaf in _leaves(f"{prefix}.{k}", v)]
+    return [(prefix, value)]
+
+
+def _set(params: dict, key: str, value) -> None:
+    *parents, last = key.split(".")
+    node = params
+    for part in parents:
+        node = node[part]
+    node[last] = value
+
+
+Edit = tuple[str, object, set[str], bool]
+
+
+def collision_edits(params: dict) -> dict[str, Edit]:
+    """For every key any stage declares: (the leaf to edit, itself or a section's first leaf
+    that can change; a new value Snakemake's schema check accepts, preferring one another
+    declared key of the stage holds; the stages declaring the key; whether the value collides)."""
+    edits: dict[str, Edit] = {}
+    declaring: dict[str, set[str]] = {}
+    for stage in STAGES.values():
+        for key in stage.keys(params):
+            declaring.setdefault(key, set()).add(stage.name)
+    for key, stages in declaring.items():
+        values = [
+            lv
+            for s in stages
+            for k in STAGES[s].keys(params)
+            for lv in _leaves(k, lookup(params, k))
+        ]
+        tries = [
+            (leaf, new, collides)
+            for collides in (True, False)  # a colliding value first, on any leaf of the key
+            for leaf, value in _leaves(key, lookup(params, key))
+            for new in _other_values(value, [v for lf, v in values if lf != leaf], collides)
+        ]
+        edits[key] = next(
+            (leaf, new, stages, collides)
+            for leaf, new, collides in tries
+            if _valid(params, leaf, new)
+        )
+    return edits
+
+
+def _valid(params: dict, leaf: str, new) -> bool:
+    edited = json.loads(json.dumps(params))
+    _set(edited, leaf, new)
+    try:  # what Snakemake (and every `cola` command) checks before any job
+        validate(edited)
+    except ValueError:
+        return False
+    return True
+
+
+def rounds(edits: dict[str, Edit]) -> list[list[str]]:
+    """Keys grouped so that no stage has two of its keys edited in one round."""
+    out: list[tuple[set[str], list[str]]] = []
+    for key, (_, _, stages, _) in edits.items():
+        for busy, keys in out:
+            if not busy & stages:
+                busy |= stages
+                keys.append(key)
+                break
+        else:
+            out.append((set(stages), [key]))
+    return [keys for _, keys in out]
+
+
+def snakemake_changes(repo: Path, summary: subprocess.CompletedProcess) -> dict[str, set[str]]:
+    """Job (rule@wildcards) → the statuses `snakemake --summary` gives its outputs where not "ok":
+    "params changed", or "set of input files changed" where an edit adds or removes a job's
+    inputs (a shard, a run). Unlike the plan column, the status does not follow the DAG.
+    (`--list-params-changes` would do, but Snakemake 9.27 also lists one output of every job
+    whose params did not change: its ParamsChange keeps the last file it compared.) `summary` is
+    that command's finished run (started beside DVC's check, which it does not disturb)."""
+    rows = [line.split("\t") for line in summary.stdout.splitlines()]
+    status = {row[0]: row[rows[0].index("status")] for row in rows[1:]}
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    changes: dict[str, set[str]] = {}
+    for stage in STAGES.values():
+        for item in stage.items(params):
+            seen = {status.get(p, "ok") for p in stage.out_paths(item)} - {"ok"}
+            if seen:
+                changes[stage.addressing(item)] = seen
+    return changes
+
+
+def dvc_params_changed(repo: Path) -> set[str]:
+    """The stages whose declared params DVC finds changed against dvc.lock (the params part of
+    `dvc status`, through DVC's own ParamsDependency, without hashing any file)."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        return {
+            stage.name
+            for stage in dvc_repo.index.stages
+            if any(d.status() for d in stage.deps if isinstance(d, ParamsDependency))
+        }
+
+
+def test_every_declared_key_edited_to_another_keys_value_reruns_its_stage_in_both_tools(work):
+    """Issue 18.1: Snakemake compares a rule's params as a set of values without keys; each stage
+    holds them as one keyed mapping, so an edit is seen whatever value it collides with. For
+    every key of every stage (a leaf of a section key), edited to a value another key of the
+    stage holds where one is valid: Snakemake reruns every declaring stage for a change of its
+    own and finds no other stage's params changed, DVC finds exactly the declaring stages'
+    params changed (rounds edit one key per stage at a time)."""
+    repo = work["repo"]
+    original = (repo / "params.yaml").read_text()
+    base = yaml.safe_load(original)
+    edits = collision_edits(base)
+    collided = {k for k, (_, _, _, hit) in edits.items() if hit}
+    # the edits the issue measured as invisible to Snakemake (tiny config) are among them
+    assert {"pretrain.seed", "finetune.threads", "finetune.max_epochs", "pretrain.dropout"} <= (
+        collided
+    )
+    before = {s.addressing(i) for s in STAGES.values() for i in s.items(base)}
+    try:
+        for keys in rounds(edits):
+            params = json.loads(json.dumps(base))
+            for key in keys:
+                leaf, new, _, _ = edits[key]
+                _set(params, leaf, new)
+            write_params(repo, params)
+            expected = {
+                s.addressing(i)
+                for s in STAGES.values()
+                if s.name in set().union(*(edits[k][2] for k in keys))
+                for i in s.items(params)
+            } & before
+            summary = subprocess.Popen(
+                ["snakemake", "--summary"], cwd=repo, stdout=subprocess.PIPE, text=True
+            )
+            dvc = dvc_params_changed(repo)
+            out, _ = summary.communicate()
+            done = subprocess.CompletedProcess(summary.args, summary.returncode, out)
+            assert done.returncode == 0, keys
+            snakemake = snakemake_changes(repo, done)
+            params_changed = {job for job, seen in snakemake.items() if "params changed" in seen}
+            assert params_changed & before <= expected <= set(snakemake), keys
+            assert dvc & before == expected, keys
+    finally:
+        (repo / "params.yaml").write_text(original)
+    assert dvc_changed(repo) == set()
+
+
+@pytest.mark.parametrize("addition", ["seed", "run"])
+def test_a_new_seed_or_run_schedules_only_its_own_jobs_in_both_tools(work, addition):
+    """Training jobs declare neither the seed list nor the run lists: a new seed, or a new run
+    line, runs only its own jobs (and the report, which lists them) in both tools."""
     repo = work["repo"]
 
-    def add_a_seed(params):
-        params["finetune"]["seeds"].append(max(params["finetune"]["seeds"]) + 1)
+    def add(params):
+        ft = params["finetune"]
+        if addition == "seed":
+            ft["seeds"].append(max(ft["seeds"]) + 1)
+        else:
+            ft["runs"]["linear"]["pretrained"].append("pretrained-linear-2")
 
-    with edited_params(repo, add_a_seed) as params:
-        new = params["finetune"]["seeds"][-1]
-        dry = sh("snakemake --cores 2 -n", repo).stdout
-        scheduled = set(re.findall(r"wildcards: run=([a-z-]+), seed=(\d+)", dry))
-        assert scheduled == {(run, str(new)) for run in RUNS}
-        assert "rule pretrain:" not in dry and "rule report:" in dry
-        changed = set(json.loads(sh("dvc status --json", repo).stdout))
-        assert changed == {s for s in finetune_stages(params) if s.endswith(f"-{new}")} | {"report"}
+    before = yaml.safe_load((repo / "params.yaml").read_text())
+    with edited_params(repo, add) as params:
+        new = finetune_stages(params) - finetune_stages(before)
+        assert len(new) == (len(RUNS) if addition == "seed" else len(params["finetune"]["seeds"]))
+        assert set(snakemake_stages(repo, forceall=False)) == new | {"report"}
+        assert dvc_changed(repo) == new | {"report"}
 
 
 def test_a_shard_count_and_a_new_run_in_one_edit_schedule_the_same_stages_in_both_tools(work):
@@ -159,34 +340,80 @@ def test_a_shard_count_and_a_new_run_in_one_edit_schedule_the_same_stages_in_bot
 
     def three_shards_and_a_run(params):
         params["features"]["shards"] = [0, 1, 2]
-        params["finetune"]["runs"]["pretrained"]["pretrained-linear-2"] = "linear"
+        params["finetune"]["runs"]["linear"]["pretrained"].append("pretrained-linear-2")
 
     with edited_params(repo, three_shards_and_a_run):
-        changed = set(json.loads(sh("dvc status --json", repo).stdout))
+        changed = dvc_changed(repo)
         assert {
             "featurize_shard@0",
             "featurize_shard@2",
-            "finetune_pretrained@pretrained-linear-2-0",
+            "linear_pretrained@pretrained-linear-2-0",
         } <= changed
         scheduled = set(snakemake_stages(repo, forceall=False))
         assert scheduled == with_downstream(changed, dvc_stages(repo))
         assert "pretrain" in scheduled and "featurize_shard@3" not in scheduled
 
 
+def run_cache(repo: Path) -> list[dict]:
+    """Every entry of DVC's run cache (.dvc/cache/runs): a stage's cmd, deps, params and outs."""
+    return [
+        yaml.safe_load(p.read_text()) for p in (repo / ".dvc/cache/runs").rglob("*") if p.is_file()
+    ]
+
+
+def test_dvc_commit_never_pairs_outputs_with_params_they_were_not_built_from(work):
+    """Issue 18.2, with Snakemake's own view wrong on purpose (`--rerun-triggers mtime`: it
+    ignores params): pretrain.seed is edited, only the report reruns (--forcerun), and the
+    commit hook must neither record the old encoder against seed 1 in dvc.lock nor put that pair
+    into DVC's run cache; the report, rebuilt from the same encoder, is committed."""
+    repo = work["repo"]
+    encoder = repo / "models/pretrain/encoder.safetensors"
+    old_md5 = digest.file_digest(encoder, "md5")
+
+    def new_seed_and_resamples(params):
+        params["pretrain"]["seed"] += 1
+        params["report"]["bootstrap_resamples"] += 1
+
+    with edited_params(repo, new_seed_and_resamples) as params:
+        run = sh("snakemake --cores 2 --rerun-triggers mtime --forcerun report", repo)
+        assert "rule pretrain:" not in run.stdout + run.stderr  # Snakemake did not see the seed
+        assert "pretrain (built with other values of pretrain.seed)" in run.stderr
+        lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+        assert (
+            lock["pretrain"]["params"]["params.yaml"]["pretrain.seed"] != params["pretrain"]["seed"]
+        )
+        assert lock["report"]["params"]["params.yaml"]["report"] == params["report"]
+        assert dvc_changed(repo) == {"pretrain"}
+        false_pairs = [
+            entry
+            for entry in run_cache(repo)
+            if entry["cmd"].split()[3] == "pretrain"
+            and entry["params"]["params.yaml"]["pretrain.seed"] == params["pretrain"]["seed"]
+            and any(o["md5"] == old_md5 for o in entry["outs"])
+        ]
+        assert false_pairs == []
+    run = sh("snakemake --cores 2", repo)  # params back: only the report is redone
+    assert set(re.findall(r"^rule (\w+):", run.stdout, re.M)) <= {"report", "all"}
+    assert dvc_changed(repo) == set()
+
+
 def test_a_partial_snakemake_run_never_vouches_for_stages_it_did_not_rebuild(work):
     """Edit a fine-tuning param, rebuild only `prepare`: dvc.lock must not record the old
     fine-tuning outputs against the new value."""
     repo = work["repo"]
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["finetune"]["dropout"] = 0.25
-    write_params(repo, params)
-    sh("snakemake --cores 2 --until prepare --forcerun prepare", repo)
-    changed = set(json.loads(sh("dvc status --json", repo).stdout))
-    assert finetune_stages(params) <= changed
-    assert "prepare" not in changed  # what did run is recorded
+
+    def new_dropout(params):
+        params["finetune"]["dropout"] = 0.25
+
+    with edited_params(repo, new_dropout) as params:
+        sh("snakemake --cores 2 --until prepare --forcerun prepare", repo)
+        changed = dvc_changed(repo)
+        assert finetune_stages(params) <= changed
+        assert "prepare" not in changed  # what did run is recorded
 
 
-def test_finetune_param_edit_reruns_only_finetuning_and_report(work):
+def test_finetune_lr_reruns_only_the_fine_tuning_runs_and_report(work):
+    """Linear evaluation trains at linear_lr and declares no lr: it does not rerun."""
     repo = work["repo"]
     params = yaml.safe_load((repo / "params.yaml").read_text())
     metrics = repo / "models" / "finetune" / "scratch-finetune" / "seed-0" / "metrics.json"
@@ -194,17 +421,50 @@ def test_finetune_param_edit_reruns_only_finetuning_and_report(work):
     params["finetune"]["lr"] = 5e-4
     write_params(repo, params)
     out = sh("dvc repro", repo).stdout
-    assert stages_run(out) == {*finetune_stages(params), "report"}
+    assert stages_run(out) == {*finetune_stages(params, ("finetune",)), "report"}
     after = json.loads(metrics.read_text())  # retrained from scratch, not a resumed old run
     assert after["run_identity"] != before["run_identity"]
     assert after["steps"] == before["steps"]
 
 
 def test_after_dvc_repro_snakemake_has_nothing_to_do(work):
-    """Issue 8.3: Snakemake's next start adopts what `dvc repro` just verified (sync.py)."""
-    dry = sh("snakemake --cores 2 -n", work["repo"])
-    assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
-    assert "Snakemake adopts what DVC verified" in dry.stderr
+    """Issue 8.3: Snakemake's next real run adopts what `dvc repro` just verified (sync.py)."""
+    run = sh("snakemake --cores 2", work["repo"])
+    assert "Nothing to be done" in run.stdout + run.stderr, run.stdout[-3000:]
+    assert "Snakemake adopts what DVC verified" in run.stderr
+
+
+def checkout_state(repo: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file in the checkout but Snakemake's logs and DVC's tmp folder."""
+    skip = (".snakemake/log/", ".dvc/tmp/", ".snakemake/auxiliary/")
+    return {
+        str(p.relative_to(repo)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in repo.rglob("*")
+        if p.is_file() and not str(p.relative_to(repo)).startswith(skip)
+    }
+
+
+DRY_RUNS = ("-n", "--summary", "--detailed-summary", "--list-params-changes", "--dag")
+
+
+def test_dry_runs_change_nothing_where_the_sync_has_work_and_a_real_run_syncs(work, tmp_path):
+    """Issue 18.3: with a shard lost (DVC's cache holds it: the sync would restore it), every
+    read-only Snakemake mode leaves every file as it was (sizes, mtimes, dvc.lock, Snakemake's
+    metadata) and says a real run syncs first; the real run then restores it."""
+    repo = work["repo"]
+    shard = repo / "data" / "features" / "shards" / "1.npy"
+    before = shard.read_bytes()
+    shard.unlink()
+    state = checkout_state(repo)
+    for mode in DRY_RUNS:
+        dry = sh(f"snakemake --cores 2 {mode}", repo)
+        assert "this dry run changes nothing" in dry.stderr, (mode, dry.stderr[-2000:])
+    sh(f"snakemake --report {tmp_path / 'report.zip'}", repo)
+    assert checkout_state(repo) == state
+    run = sh("snakemake --cores 2", repo)
+    assert "restored from DVC's cache, nothing retrained: featurize_shard@1" in run.stderr
+    assert "Nothing to be done" in run.stdout + run.stderr, run.stderr[-3000:]
+    assert shard.read_bytes() == before
 
 
 def test_a_shard_lost_after_a_kill_is_rebuilt_or_restored_identically(work):
@@ -259,11 +519,10 @@ def test_push_clone_pull_retrains_nothing(work):
     sh("dvc pull -q", clone)
     assert json.loads(sh("dvc status --json", clone).stdout or "{}") == {}
     encoder = clone / "models" / "pretrain" / "encoder.safetensors"
-    digest = encoder.read_bytes()
-    dry = sh("snakemake --cores 2 -n", clone)  # adopts what DVC verified, by itself
-    assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
-    sh("snakemake --cores 2", clone)
-    assert encoder.read_bytes() == digest
+    encoder_bytes = encoder.read_bytes()
+    run = sh("snakemake --cores 2", clone)  # adopts what DVC verified, by itself
+    assert "Nothing to be done" in run.stdout + run.stderr, run.stdout[-3000:]
+    assert encoder.read_bytes() == encoder_bytes
     assert json.loads(sh("dvc status --json", clone).stdout or "{}") == {}
     assert "Stage 'pretrain' didn't change" in sh("dvc repro", clone).stdout
     # A later parameter edit is still noticed by Snakemake after adoption.
@@ -346,3 +605,20 @@ def test_after_a_pull_an_upstream_edit_schedules_exactly_what_follows_it(work):
     assert "Nothing to be done" in dry.stdout + dry.stderr
     summary = json.loads((clone / "data" / "features" / "summary.json").read_text())
     assert summary["frontend"]["n_mels"] == 48
+
+
+def test_appending_to_a_module_deep_in_pretrainings_imports_reruns_it_in_both_tools(work):
+    """Issue 18.5: a stage's code dependencies are its module's import closure, computed: here
+    frontend.py, which pretraining reaches only through store → featurize. DVC lists pretrain as
+    changed by that file, and Snakemake names it among pretrain's updated inputs."""
+    repo = work["repo"]
+    module = repo / "src" / "cola_audio" / "frontend.py"
+    assert "src/cola_audio/frontend.py" in STAGES["pretrain"].code()
+    original = module.read_bytes()
+    module.write_bytes(original + b"# appended\n")
+    status = json.loads(sh("dvc status --json", repo).stdout)
+    assert "src/cola_audio/frontend.py" in json.dumps(status["pretrain"])
+    dry = sh("snakemake --cores 2 -n", repo).stdout
+    job = dry[dry.index("rule pretrain:") :].split("\n\n")[0]
+    assert "src/cola_audio/frontend.py" in job.split("reason:")[1], job
+    module.write_bytes(original)

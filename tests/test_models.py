@@ -1,13 +1,14 @@
 """Encoder, COLA head and loss, classifier: shapes, hand computations, strict and safe loading."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from cola_audio import checkpoints, optim
+from cola_audio import checkpoints, optim, params
 from cola_audio.errors import BadInput
-from cola_audio.models.classifier import GenreClassifier, clip_logits
+from cola_audio.models.classifier import GenreClassifier, clip_logits, model_keys
 from cola_audio.models.cola import ColaModule, similarity_logits
 from cola_audio.models.encoder import (
     EMBED_DIM,
@@ -18,6 +19,21 @@ from cola_audio.models.encoder import (
     save_encoder,
     standardize_crops,
 )
+from cola_audio.models.hparams import hyperparameter_keys
+from cola_audio.stages import STAGES
+from cola_audio.training import TRAINER_KEYS
+from conftest import REPO
+
+
+def cola_model(**changes):
+    """ColaModule from params.yaml's pretrain section with `changes` (it has no defaults)."""
+    section = params.load(REPO / "params.yaml")["pretrain"]
+    return ColaModule.from_params({**section, **changes})
+
+
+def classifier(init, mode, n_classes=8):
+    section = params.load(REPO / "params.yaml")["finetune"]
+    return GenreClassifier.from_params(section, n_classes, init, mode)
 
 
 @pytest.mark.parametrize("frames", [32, 98, 150, 301])
@@ -56,7 +72,7 @@ def test_bilinear_logits_match_a_hand_computation():
 
 def test_contrastive_loss_decreases_when_overfitting_a_tiny_batch():
     torch.manual_seed(0)
-    model = ColaModule(similarity="cosine", temperature=0.1, dropout=0.0, lr=1e-3)
+    model = cola_model(similarity="cosine", temperature=0.1, dropout=0.0, lr=1e-3)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     anchors, positives = torch.randn(8, 64, 64), torch.randn(8, 64, 64)
     positives = anchors + 0.1 * positives  # views that share content
@@ -155,9 +171,10 @@ def test_a_checkpoint_holding_a_malicious_pickle_is_refused(tmp_path, capsys):
 
 
 def test_hyperparameters_are_plain_values():
-    model = GenreClassifier(n_classes=8, init="pretrained", mode="linear")
-    for value in model.hparams.values():
-        assert isinstance(value, (int, float, str, bool)), value
+    for mode in ("linear", "finetune"):
+        model = classifier("pretrained", mode)
+        for value in model.hparams.values():
+            assert value is None or isinstance(value, (int, float, str, bool)), value
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -171,7 +188,7 @@ def test_bilinear_head_starts_as_the_cosine_head_at_its_temperature():
     """W₀ = s·I with s = 1/(τ·E[tanh²]·d): a positive pair's logit a·W₀·a ≈ cos(a, a)/τ = 1/τ."""
     from cola_audio.models.cola import bilinear_init_scale
 
-    model = ColaModule(similarity="bilinear", temperature=0.2, embedding_dim=512)
+    model = cola_model(similarity="bilinear", temperature=0.2, embedding_dim=512)
     s = bilinear_init_scale(512, 0.2)
     assert torch.equal(model.bilinear.detach(), torch.eye(512) * s)
     z = torch.tanh(torch.nn.functional.layer_norm(torch.randn(256, 512), (512,)))
@@ -184,7 +201,7 @@ def test_the_bilinear_matrix_trains_at_its_own_learning_rate(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(cola, "adam_with_schedule", lambda m, groups, lr: seen.update(g=groups))
-    model = ColaModule(similarity="bilinear", lr=1e-3, bilinear_lr_scale=0.1)
+    model = cola_model(similarity="bilinear", lr=1e-3, bilinear_lr_scale=0.1)
     model.configure_optimizers()
     lrs = {id(p): g["lr"] for g in seen["g"] for p in g["params"]}
     assert lrs[id(model.bilinear)] == pytest.approx(1e-4)
@@ -193,10 +210,8 @@ def test_the_bilinear_matrix_trains_at_its_own_learning_rate(monkeypatch):
 
 
 def test_a_random_frozen_encoder_gets_batchnorm_statistics_from_data_and_stays_frozen():
-    from cola_audio.models.classifier import GenreClassifier
-
     torch.manual_seed(0)
-    model = GenreClassifier(n_classes=8, init="scratch", mode="linear")
+    model = classifier("scratch", "linear")
     weights = {k: v.clone() for k, v in model.encoder.named_parameters()}
     crops = [(torch.randn(4, 98, 64) * 3 + 1, torch.zeros(4)) for _ in range(3)]
     stem = model.encoder.net._bn0
@@ -208,3 +223,85 @@ def test_a_random_frozen_encoder_gets_batchnorm_statistics_from_data_and_stays_f
         assert torch.equal(p, weights[name]) and not p.requires_grad, name
     model.train()
     assert not model.encoder.training  # still frozen: BatchNorm stays in eval mode
+
+
+# Another valid value for each model key (test_every_declared_model_key_changes_the_built_model).
+OTHER_VALUE = {
+    "pooling": {"max": "avg", "avg": "max"},
+    "input_norm": {"crop": "none", "none": "crop"},
+    "similarity": {"bilinear": "cosine", "cosine": "bilinear"},
+    "lr_schedule": {"cosine": "constant", "constant": "cosine"},
+}
+
+
+def _other(key, value):
+    if key in OTHER_VALUE:
+        return OTHER_VALUE[key][value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value + 2 if key == "warmup_steps" else value // 2
+    return value + 0.3 if value < 0.5 else value / 2
+
+
+def _after_two_steps(model, loss_of):
+    """Every parameter and buffer after two optimiser steps (from the model's own
+    configure_optimizers, schedule included) on one fixed batch, dropout seeded."""
+    model._trainer = SimpleNamespace(estimated_stepping_batches=10, world_size=1)
+    optim_cfg = model.configure_optimizers()
+    opt, sched = optim_cfg["optimizer"], optim_cfg["lr_scheduler"]["scheduler"]
+    torch.manual_seed(0)
+    crops = torch.randn(4, 32, 64)
+    model.train()
+    for _ in range(2):
+        opt.zero_grad()
+        loss_of(model, crops).backward()
+        opt.step()
+        sched.step()
+    return [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
+
+
+def _cola_loss(model, crops):
+    return model.contrastive_step(crops, crops.flip(1))[0]
+
+
+def _classifier_loss(model, crops):
+    return torch.nn.functional.cross_entropy(model(crops), torch.tensor([0, 1, 2, 3]))
+
+
+def _differs(a, b):
+    return len(a) != len(b) or any(
+        x.shape != y.shape or not torch.equal(x, y) for x, y in zip(a, b, strict=False)
+    )
+
+
+def _model_cases():
+    defaults = params.load(REPO / "params.yaml")
+    pre = {**defaults["pretrain"], "warmup_steps": 0}  # 2 steps: the schedule shows at step 2
+    yield "pretrain", pre, hyperparameter_keys(ColaModule), ColaModule.from_params, _cola_loss
+    ft = {**defaults["finetune"], "warmup_steps": 0}
+    for mode in ("finetune", "linear"):
+        keys = list(model_keys(mode).values())
+
+        def build(section, mode=mode):
+            return GenreClassifier.from_params(section, 4, "scratch", mode)
+
+        yield f"{mode}_scratch", ft, keys, build, _classifier_loss
+
+
+@pytest.mark.parametrize("case", list(_model_cases()), ids=lambda c: c[0])
+def test_every_declared_model_key_changes_the_built_model(case):
+    """A params key reaches a model only through `from_params`, which passes each of its keys
+    by name and has no defaults to fall back on: each declared model key, set to another valid
+    value, changes what two training steps make of the same batch. And every key a training
+    stage declares is a model key or a Trainer/data key: none is declared for nothing."""
+    stage, section, keys, build, loss_of = case
+    section_name = "pretrain" if stage == "pretrain" else "finetune"
+    declared = {k.split(".", 1)[1] for k in STAGES[stage].params}
+    assert declared == set(keys) | (declared & set(TRAINER_KEYS)), declared - set(keys)
+    assert not set(keys) & set(TRAINER_KEYS)
+    torch.manual_seed(0)
+    base = _after_two_steps(build(section), loss_of)
+    for key in keys:
+        edited = {**section, key: _other(key, section[key])}
+        params.validate({**params.load(REPO / "params.yaml"), section_name: edited})
+        torch.manual_seed(0)
+        assert _differs(_after_two_steps(build(edited), loss_of), base), key

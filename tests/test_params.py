@@ -102,7 +102,8 @@ def test_cli_gives_bad_input_one_line_but_a_bug_its_traceback(tmp_path: Path, ca
     def bug(*args, **kwargs):
         raise ValueError("a bug deep inside")
 
-    argv = ["--params", str(REPO / "params.yaml"), "finetune", "--run", "x", "--seed", "0"]
+    argv = ["--params", str(REPO / "params.yaml"), "finetune", "--mode", "finetune"]
+    argv += ["--run", "x", "--seed", "0"]
     monkeypatch.setattr(finetune, "run", missing)
     assert cli.main(argv) == 1
     err = capsys.readouterr().err

@@ -89,7 +89,6 @@ def test_report_renders_to_markdown_and_a_self_contained_html_page(tmp_path):
         "pretrain_line": "84 steps.",
         "padded": 2,
         "provenance": {
-            "git": {"commit": "abc", "dirty": False},
             "params_hash": "123",
             "features": {
                 "featurized": 9,
@@ -158,27 +157,6 @@ def test_adopted_are_up_to_date_stages_snakemake_would_redo_and_everything_after
     assert sync.to_adopt(outs, after, set(), set(), set()) == []
 
 
-def test_dvc_commit_takes_only_stages_snakemake_holds_up_to_date():
-    from cola_audio import dvc_commit
-
-    summary = (
-        "output_file\tdate\trule\tlog-file(s)\tstatus\tplan\n"
-        "data/meta/a.json\tMon\tprepare\t-\tok\tno update\n"
-        "models/x/metrics.json\tMon\tfinetune\t-\tparams changed\tupdate pending\n"
-        "models/x/predictions.csv\tMon\tfinetune\t-\tok\tno update\n"
-        "reports/r.md\t-\treport\t-\tmissing\tupdate pending\n"
-    )
-    fresh = dvc_commit.up_to_date_outputs(summary)
-    assert fresh == {"data/meta/a.json", "models/x/predictions.csv"}
-    stages = {
-        "prepare": ["data/meta/a.json"],
-        "finetune@x": ["models/x/metrics.json", "models/x/predictions.csv"],  # one output stale
-        "report": ["reports/r.md"],
-        "empty": [],
-    }
-    assert dvc_commit.vouched_stages(stages, fresh) == ["prepare"]
-
-
 def test_headline_metrics_are_few_short_keys_in_points():
     diffs = [
         {"a": "pretrained-finetune", "b": "scratch-finetune", "difference": 0.0801},
@@ -235,11 +213,13 @@ def test_a_param_edit_alone_restores_but_leaves_snakemakes_records_alone(
     calls = []
     monkeypatch.setattr(sync, "run", lambda source, repo, adopt_rules: calls.append(adopt_rules))
     monkeypatch.delenv("COLA_DVC_SYNC", raising=False)
-    sync.at_snakemake_start("synthetic", tmp_path)
+    sync.before_planning("synthetic", True, tmp_path)
     assert calls == []  # nothing changed: milliseconds, no DVC
     (tmp_path / edit).write_text("edited")
-    sync.at_snakemake_start("synthetic", tmp_path)
+    sync.before_planning("synthetic", False, tmp_path)
+    assert calls == []  # a dry run never syncs
+    sync.before_planning("synthetic", True, tmp_path)
     assert calls == [adopts]
     monkeypatch.setenv("COLA_DVC_SYNC", "off")
-    sync.at_snakemake_start("synthetic", tmp_path)
+    sync.before_planning("synthetic", True, tmp_path)
     assert calls == [adopts]

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from cola_audio import finetune, pretrain
 from cola_audio.errors import BadInput
 from cola_audio.models.encoder import Encoder, save_encoder
+from cola_audio.params import finetune_runs
 from conftest import REPO
 
 QUIET = {"enable_progress_bar": False, "logger": False}
@@ -36,15 +37,21 @@ def encoder_file(tmp_path_factory):
 
 
 def _finetune(tiny_data, tmp_path, run, encoder=None, seed=0, callbacks=None, **overrides):
+    """One run × seed as its stage runs it: the mode from params' run lists, the encoder only
+    for a run listed under pretrained."""
     p = json.loads(json.dumps(tiny_data["params"]))
+    if "max_epochs" in overrides:  # epochs asked for: the tiny config's max_steps ends one
+        overrides.setdefault("max_steps", -1)
     p["finetune"].update(overrides)
+    spec = finetune_runs(p["finetune"])[run]
     return finetune.run(
         p,
         run,
         seed,
+        spec["mode"],
         features=tiny_data["features"],
         meta_dir=tiny_data["meta"],
-        encoder=encoder or Path("missing"),
+        encoder=(encoder or Path("missing")) if spec["init"] == "pretrained" else None,
         out_dir=tmp_path,
         callbacks=callbacks,
     )
@@ -101,10 +108,8 @@ def test_finetune_mode_changes_the_encoder(tiny_data, tmp_path, encoder_file):
 def test_pretrained_init_without_an_encoder_is_an_error(tiny_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="cola pretrain"):
         _finetune(tiny_data, tmp_path, "pretrained-finetune", tmp_path / "none.safetensors")
-    with pytest.raises(BadInput, match="choose one of random-linear, scratch-finetune"):
-        _finetune(tiny_data, tmp_path, "nonsense")
-    with pytest.raises(BadInput, match="not in finetune.seeds"):
-        _finetune(tiny_data, tmp_path, "scratch-finetune", seed=99)
+    with pytest.raises(BadInput, match="choose finetune or linear"):
+        finetune.run(tiny_data["params"], "x", 0, "probe", out_dir=tmp_path)
 
 
 def test_same_seed_gives_the_same_metrics_and_another_seed_other_training(tiny_data, tmp_path):
@@ -368,25 +373,28 @@ def test_bf16_pretraining_on_gpu(tiny_data, tmp_path):
 
 
 def test_run_identity_covers_params_inputs_and_code(tmp_path, monkeypatch):
-    from cola_audio import checkpoints
+    from cola_audio import checkpoints, codedeps
 
     section = {"lr": 1e-3, "seed": 0, "num_workers": 0, "max_steps": -1}
     data = tmp_path / "shard.npy"
     data.write_bytes(b"a")
-    base = checkpoints.run_identity(section, [data])
+    base = checkpoints.run_identity(section, [data], "pretrain")
     # num_workers included: loader workers draw the crops from their own seeded generators.
     for key, value in [("lr", 2e-3), ("seed", 1), ("max_steps", 5), ("num_workers", 4)]:
-        assert checkpoints.run_identity({**section, key: value}, [data]) != base, key
-    assert checkpoints.run_identity(section, [data], seed=1) != base
+        assert checkpoints.run_identity({**section, key: value}, [data], "pretrain") != base, key
+    assert checkpoints.run_identity(section, [data], "pretrain", seed=1) != base
     data.write_bytes(b"b")
-    assert checkpoints.run_identity(section, [data]) != base
-    code = tmp_path / "pkg"
-    code.mkdir()
-    (code / "module.py").write_text("x = 1")
-    monkeypatch.setattr(checkpoints, "__file__", str(code / "checkpoints.py"))
-    first = checkpoints.run_identity(section, [data])
-    (code / "module.py").write_text("x = 2")
-    assert checkpoints.run_identity(section, [data]) != first
+    assert checkpoints.run_identity(section, [data], "pretrain") != base
+    # The code is the stage's import closure, the files both orchestrators declare.
+    repo = tmp_path / "repo"
+    for rel in codedeps.closure("pretrain"):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text((codedeps.REPO / rel).read_text())
+    monkeypatch.setattr(codedeps, "REPO", repo)
+    first = checkpoints.run_identity(section, [data], "pretrain")
+    with open(repo / "src/cola_audio/frontend.py", "a") as fh:  # imported via store → featurize
+        fh.write("\n# edited\n")
+    assert checkpoints.run_identity(section, [data], "pretrain") != first
 
 
 def test_a_damaged_resume_point_is_moved_aside_and_the_run_starts_afresh(tmp_path, caplog):
