@@ -42,10 +42,9 @@ class Record(pl.Callback):
 def run_variant(cfg: dict[str, Any], variant: dict[str, Any], steps: int) -> dict[str, float]:
     variant = dict(variant)
     w_init = variant.pop("w_init", "identity")
-    hp = {**training.model_hparams(ColaModule, cfg), **variant}
     training.seed_everything(cfg["seed"], cfg["threads"])
     data = PretrainData(REPO / "data/features", REPO / "data/meta", cfg["crop_frames"], 64, 0, 0)
-    model = ColaModule(**hp)
+    model = ColaModule.from_params({**cfg, **variant})
     if w_init == "normal" and model.bilinear is not None:
         torch.nn.init.normal_(model.bilinear, std=1e-3)
     record = Record()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cola_audio import fsutil
+from cola_audio import fsutil, params
 from cola_audio.data import PretrainViews
 from cola_audio.featurize import shard_paths
 from cola_audio.models.cola import ColaModule
@@ -77,7 +77,8 @@ def write_store(root: Path, clips: int, frames: int = 2998, n_shards: int = 4) -
 def measure_steps(dataset: Dataset, batch: int, steps: int) -> tuple[float, float]:
     """Seconds per training step with a pre-built batch, and with batches from the loader."""
     torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
-    model = ColaModule()
+    repo = Path(__file__).resolve().parents[1]
+    model = ColaModule.from_params(params.load(repo / "params.yaml")["pretrain"])
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=0)
