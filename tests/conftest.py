@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from cola_audio import download, featurize, params, prepare
+from cola_audio.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("COLA_SHARED", REPO.parent / "shared"))
@@ -36,19 +37,8 @@ def tiny_params_dict() -> dict[str, Any]:
     return params.validate(merge(base, tiny))
 
 
-# Every rule but `all`, in pipeline order: what a full build runs.
-PIPELINE_RULES = (
-    "download",
-    "prepare",
-    "featurize_shard",
-    "featurize_gather",
-    "pretrain",
-    "finetune_scratch",
-    "finetune_pretrained",
-    "linear_scratch",
-    "linear_pretrained",
-    "report",
-)
+# Every rule but `all`, in pipeline order: what a full build runs (the stage table's order).
+PIPELINE_RULES = tuple(STAGES)
 
 
 def sh(cmd: str, cwd: Path, check: bool = True, timeout: float | None = None):

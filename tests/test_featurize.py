@@ -23,18 +23,6 @@ def _digest(folder: Path) -> dict[str, str]:
     }
 
 
-def test_gather_removes_shards_a_longer_shard_list_left_behind(tiny_data, tmp_path):
-    import shutil
-
-    shutil.copytree(tiny_data["features"], tmp_path / "f")
-    (tmp_path / "f" / "shards" / "4.npy").write_bytes(b"old")
-    (tmp_path / "f" / "shards" / "4.json").write_text("{}")
-    featurize.gather(tiny_data["params"]["features"], tmp_path / "f")
-    assert sorted(p.name for p in (tmp_path / "f" / "shards").iterdir()) == sorted(
-        f"{k}.{ext}" for k in tiny_data["params"]["features"]["shards"] for ext in ("npy", "json")
-    )
-
-
 def test_store_layout_and_index(tiny_data):
     features = tiny_data["features"]
     p = tiny_data["params"]["features"]
@@ -272,3 +260,24 @@ def test_shard_bytes_do_not_depend_on_the_blas_kernel_or_worker_count(
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Core: {kernel}" in result.stdout + result.stderr  # the kernel really was switched
     assert _digest(out / "shards") == _digest(tiny_data["features"] / "shards")
+
+
+def test_stray_shards_of_a_longer_count_are_removed_by_the_shard_jobs_not_by_gather(
+    tiny_data, tmp_path
+):
+    """After features.shards shrinks, the old higher-numbered shard files would enter DVC's hash
+    of the shards folder. The shard jobs remove them (each reruns on a count change); gather must
+    not: the folder is its input, and a job that changes its input records no build."""
+    p = json.loads(json.dumps(tiny_data["params"]))
+    p["features"]["shards"] = [0, 1]
+    out = tmp_path / "features"
+    (out / "shards").mkdir(parents=True)
+    stray = [out / "shards" / "2.npy", out / "shards" / "2.json"]
+    for path in stray:
+        path.write_text("from an earlier count")
+    featurize.run(p, shard=1, workers=1, meta_dir=tiny_data["meta"], out_dir=out)
+    assert not any(path.exists() for path in stray)
+    featurize.run(p, shard=0, workers=1, meta_dir=tiny_data["meta"], out_dir=out)
+    stray[0].write_text("left by hand")
+    featurize.run(p, gather_only=True, out_dir=out)
+    assert stray[0].exists()

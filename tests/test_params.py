@@ -103,7 +103,7 @@ def test_cli_gives_bad_input_one_line_but_a_bug_its_traceback(tmp_path: Path, ca
         raise ValueError("a bug deep inside")
 
     argv = ["--params", str(REPO / "params.yaml"), "finetune", "--mode", "finetune"]
-    argv += ["--run", "x", "--seed", "0"]
+    argv += ["--run", "scratch-finetune", "--seed", "0", "--out", str(tmp_path)]
     monkeypatch.setattr(finetune, "run", missing)
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
@@ -124,3 +124,20 @@ def test_data_root_is_no_longer_a_knob(tmp_path: Path):
         params.ParamsError, match=r"'root' was unexpected.*known keys: finetune_subset"
     ):
         params.validate(p)
+
+
+@pytest.mark.parametrize(
+    "job",
+    [
+        ["finetune", "--mode", "linear", "--run", "scratch-finetune", "--seed", "0"],  # wrong mode
+        ["finetune", "--mode", "finetune", "--run", "scratch-finetune", "--seed", "7"],  # no seed 7
+        ["featurize", "--shard", "9"],  # no shard 9
+    ],
+)
+def test_a_job_params_yaml_does_not_list_is_refused_before_any_work(tmp_path, capsys, job):
+    """A hand-run job must be one both tools know: a listed run under its own mode (else its
+    outputs would be another run's, trained otherwise), a listed seed, a listed shard."""
+    argv = ["--params", str(REPO / "params.yaml"), *job, "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 1
+    assert "is not a job of" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

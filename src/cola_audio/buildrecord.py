@@ -1,9 +1,9 @@
 """What a job's outputs were built from, written by the job itself: the ground truth for dvc.lock.
 
 `cola <stage>` records, for the exact command both tools run (stages.by_command), the values of the
-stage's declared params it ran with, and the state (path, size, mtime of every file, as DVC sees
-the folder: .dvcignore applies) of each of its dependencies when it started and of its outputs
-when it finished. If a dependency changed while it ran, nothing is recorded.
+stage's declared params it ran with, the state of each of its dependencies when it started (path,
+size and mtime of every file, as DVC sees a folder: .dvcignore applies) and the content (md5) of
+its outputs when it finished. If a dependency changed while it ran, nothing is recorded.
 
 `cola dvc-commit` commits a stage only when its record matches DVC's view now: the same params
 values for the stage's keys, and every dependency and output still in the recorded state. So
@@ -36,22 +36,27 @@ def _ignored(repo: Path) -> Any:
 def state(paths: list[str], repo: Path = Path("."), outputs: bool = False) -> dict[str, str | None]:
     """path → digest of (relative path, size, mtime) of every file it holds (None: missing).
 
-    Outputs are identified by inode instead of mtime: Snakemake touches every output after its
-    job, and the pipeline writes each output anew (an atomic rename: a new inode), so a rewrite
-    shows while Snakemake's touch does not. Dependencies keep their mtime: `cola dvc-commit`
-    may relink an upstream output (new inode) and puts its mtime back."""
+    Outputs are identified by their bytes (md5, as DVC hashes them) instead of their mtime:
+    Snakemake touches every output after its job, and nothing but the content says that the
+    files committed are the files this job wrote (an inode can be reused, a file edited in
+    place). Dependencies keep their mtime, which any write moves: `cola dvc-commit` may relink
+    an upstream output (a new inode) and puts its mtime back."""
     repo = Path(repo)
 
-    def identity(st: os.stat_result) -> int:
-        return st.st_ino if outputs else st.st_mtime_ns
+    def identity(path: str) -> list[object]:
+        st = (repo / path).stat()
+        return [
+            path,
+            st.st_size,
+            digest.file_digest(repo / path, "md5") if outputs else st.st_mtime_ns,
+        ]
 
     ignored = _ignored(repo)
     out: dict[str, str | None] = {}
     for rel in paths:
         root = repo / rel
         if root.is_file():
-            st = root.stat()
-            out[rel] = digest.json_digest([rel, st.st_size, identity(st)])
+            out[rel] = digest.json_digest(identity(rel))
         elif root.is_dir():
             entries = []
             for dirpath, dirnames, filenames in os.walk(root):
@@ -62,8 +67,7 @@ def state(paths: list[str], repo: Path = Path("."), outputs: bool = False) -> di
                 for name in sorted(filenames):
                     path = (base / name).as_posix()
                     if not ignored.match_file(path):
-                        st = (repo / path).stat()
-                        entries.append([path, st.st_size, identity(st)])
+                        entries.append(identity(path))
             out[rel] = digest.json_digest(entries)
         else:
             out[rel] = None

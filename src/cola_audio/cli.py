@@ -190,14 +190,14 @@ def _add_tools(sub: Any) -> None:
     p = sub.add_parser(
         "sync-dvc",
         help="restore from DVC's cache what it already built for these params, and let Snakemake "
-        "trust what DVC verified (the Snakefile runs it at every start when DVC's state changed)",
+        "trust what DVC verified (the Snakefile runs it before a real run plans its jobs)",
     )
     p.set_defaults(func=_sync_dvc)
 
     p = sub.add_parser(
         "dvc-commit",
-        help="`dvc commit` that keeps output mtimes, so Snakemake "
-        "does not rebuild afterwards (run by the Snakefile after every run)",
+        help="`dvc commit` of the stages whose build records match DVC's view, keeping output "
+        "mtimes so Snakemake does not rebuild (run by the Snakefile after every run)",
     )
     p.set_defaults(func=_dvc_commit)
 
@@ -238,6 +238,15 @@ def run_stage(name: str, args: argparse.Namespace, params: dict, argv: list[str]
     from cola_audio import buildrecord, stages  # the table is no code dependency of a stage
 
     stage = stages.STAGES[name]
+    item = {w: getattr(args, w, None) for w in stage.matrix}
+    if None not in item.values() and {k: str(v) for k, v in item.items()} not in stage.items(
+        params
+    ):
+        lists = ", ".join(stage.matrix.values())
+        raise BadInput(
+            f"{stage.addressing({k: str(v) for k, v in item.items()})} is not a job of "
+            f"{args.params} ({lists}): add it there first, so that both tools know it"
+        )
     job = stages.by_command(argv, params)
     if job is None:
         args.func(args, stage.readable(params))

@@ -81,8 +81,10 @@ def run(repo: Path = Path(".")) -> int:
                 kept.append(f"{stage.name} ({why})")
                 continue
             times = snapshot([repo / o for o in outs])
+            # DVC's run cache keys a run by its deps; a folder source's audio is none of them
+            run_cache = not (stage.name == "download" and params["data"]["source"] == "folder")
             try:
-                stage.save()
+                stage.save(run_cache=run_cache)
                 stage.commit()
                 stage.dump(update_pipeline=False)
             finally:  # even a failed commit may have relinked outputs from the cache

@@ -142,7 +142,7 @@ def tracks_to_featurize(meta_dir: Path) -> tuple[dict[int, str], dict[int, str]]
 
 
 def shard_name(shard: int) -> str:
-    """The shard's file stem: its id as DVC's foreach writes it from features.shards."""
+    """The shard's file stem: its id as DVC's matrix writes it from features.shards."""
     return str(shard)
 
 
@@ -259,10 +259,12 @@ def load_shard_index(out_dir: Path, shard: int, n_shards: int) -> dict[str, Any]
 def remove_stray_shards(out_dir: Path, n_shards: int) -> None:
     """Delete shards numbered n_shards and up: outputs of shard stages an earlier, longer
     features.shards had. Left in place they would enter DVC's hash of the shards folder (a
-    dependency of every later stage), which a teammate's clean `dvc pull` could never match."""
+    dependency of every later stage), which a teammate's clean `dvc pull` could never match.
+    The shard jobs do it (each reruns when the count changes), not gather: the folder is
+    gather's input, and a job that changes its own input is recorded as built from nothing."""
     for path in sorted((out_dir / "shards").glob("*")):
         if path.suffix in (".npy", ".json") and path.stem.isdigit() and int(path.stem) >= n_shards:
-            path.unlink()
+            path.unlink(missing_ok=True)  # another shard job may have removed it first
             log.info("%s: removed (no shard %s in features.shards any more)", path, path.stem)
 
 
@@ -270,7 +272,6 @@ def gather(features: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Join shard indexes into index.csv and skipped.csv; fail past the skipped-fraction limit."""
     out_dir = Path(out_dir)
     n_shards = len(features["shards"])
-    remove_stray_shards(out_dir, n_shards)
     docs = [load_shard_index(out_dir, k, n_shards) for k in range(n_shards)]
     rows = [(t, d["shard"], o, f) for d in docs for t, o, f in d["tracks"]]
     index = pd.DataFrame(rows, columns=["track_id", "shard", "offset", "frames"])
@@ -327,6 +328,7 @@ def run(
     shards = [shard] if shard is not None else ([] if gather_only else features["shards"])
     if shards:
         n_workers = features["workers"] if workers is None else workers
+        remove_stray_shards(Path(out_dir), len(features["shards"]))
         tracks, sha1s = tracks_to_featurize(Path(meta_dir))
         for k in shards:
             doc = featurize_shard(tracks, k, features, Path(out_dir), n_workers, sha1s)

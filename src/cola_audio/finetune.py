@@ -1,4 +1,5 @@
-"""`cola finetune --run NAME`: genre classification from scratch or from the COLA encoder."""
+"""`cola finetune --mode finetune|linear --run NAME --seed S [--encoder PATH]`: genre classification
+from a random encoder or, given --encoder, from the COLA encoder."""
 
 from __future__ import annotations
 
@@ -175,11 +176,13 @@ def _fit(
         model.calibrate_frozen_encoder(data.train_dataloader(), cfg["precise_bn_batches"])
     curves.prepare_logs(job.out, resume)
     best_cb, savers = checkpoints.checkpoint_callbacks(job.out, "val_acc", "max")
+    frozen_pretrained = job.spec == {"init": "pretrained", "mode": "linear"}
     trainer = training.make_trainer(
         cfg,
         job.out,
         job.seed,
         [*savers, *(callbacks or [])],
+        0 if frozen_pretrained else cfg["precise_bn_batches"],  # no BatchNorm of it trains
         **{"check_val_every_n_epoch": cfg["val_every_n_epochs"], **trainer_overrides},
     )
     trainer.fit(model, data, ckpt_path=resume, weights_only=True)

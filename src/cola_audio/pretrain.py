@@ -51,11 +51,17 @@ def _run(
     curves.prepare_logs(out_dir, resume)
     _, savers = checkpoints.checkpoint_callbacks(out_dir, "train_loss_epoch", "min")
     trainer = training.make_trainer(
-        cfg, out_dir, cfg["seed"], [*savers, *(callbacks or [])], **trainer_overrides
+        cfg,
+        out_dir,
+        cfg["seed"],
+        [*savers, *(callbacks or [])],
+        cfg["precise_bn_batches"],
+        **trainer_overrides,
     )
     start = time.perf_counter()
     trainer.fit(model, data, ckpt_path=resume, weights_only=True)
-    summary = _summary(cfg, trainer, data, identity, resume, time.perf_counter() - start)
+    log.info("trained in %.1f s", time.perf_counter() - start)
+    summary = _summary(cfg, trainer, data, identity, resume)
     if trainer.is_global_zero:
         _export(cfg, model, Path(features), out_dir, summary)
         checkpoints.finish(out_dir)
@@ -69,9 +75,9 @@ def _summary(
     data: PretrainData,
     identity: str,
     resume: Path | None,
-    wall: float,
 ) -> dict[str, Any]:
-    """What summary.json records of a finished pretraining: its size, device, final metrics."""
+    """What summary.json records of a finished pretraining: its size, device, final metrics (no
+    wall time: the file is a function of the run, the same bytes at every rebuild)."""
     assert data.dataset is not None
     return {
         "steps": int(trainer.global_step),
@@ -83,7 +89,6 @@ def _summary(
         "precision": str(trainer.precision),
         "accelerator": type(trainer.accelerator).__name__,
         "devices": trainer.world_size,
-        "wall_seconds": round(wall, 2),
         "final": {k: round(float(v), 5) for k, v in trainer.callback_metrics.items()},
         "run_identity": identity,
         "resumed_from": str(resume) if resume else None,

@@ -134,6 +134,10 @@ class Declared(dict):
             "add it to the stage's params (or speed keys) in src/cola_audio/stages.py"
         )
 
+    def get(self, key: str, default: Any = None) -> Any:
+        """No silent default for a key the stage does not declare."""
+        return self[key]
+
 
 def _place(view: Declared, key: str, value: Any) -> None:
     *parents, last = key.split(".")
@@ -151,6 +155,15 @@ def _resolve_key(key: str, params: Params) -> str:
 def fill(template: str, item: dict[str, str]) -> str:
     """A path or command with its wildcards replaced by one job's values."""
     return re.sub(r"\{(\w+)\}", lambda m: item[m.group(1)], template)
+
+
+TEMPLATES = "src/cola_audio/templates"
+
+
+def template_files(params: Params) -> list[str]:
+    return sorted(
+        p.relative_to(codedeps.REPO).as_posix() for p in codedeps.REPO.joinpath(TEMPLATES).glob("*")
+    )
 
 
 def shard_files(params: Params) -> list[str]:
@@ -317,8 +330,7 @@ STAGES: dict[str, Stage] = {
             entry="report",
             cmd=f"report --models models --features {FEATURES} --meta {META} --out {REPORTS}",
             deps={
-                "md_template": "src/cola_audio/templates/report.md.j2",
-                "html_template": "src/cola_audio/templates/report.html.j2",
+                "templates": Folder(TEMPLATES, template_files),  # Jinja2 may include any
                 "runs": Folder(FINETUNE, run_outputs),
                 "shards": Folder(SHARDS, shard_files),  # the provenance table lists their md5s
                 "index": f"{FEATURES}/index.csv",

@@ -1,11 +1,11 @@
 """`cola sync-dvc`: before Snakemake plans, take in what DVC did since Snakemake last looked.
 
 Snakemake and DVC keep separate records of what is up to date (`.snakemake/` metadata and mtimes,
-`dvc.lock` hashes). After every Snakemake run `cola dvc-commit` copies Snakemake's view into
-dvc.lock (only for stages Snakemake holds up to date). This module is the other direction, run by
-Snakemake before it plans the jobs of a real run (the first input function Snakemake calls,
-workflow/rules/common.smk); a dry run (`-n`, `--summary`, `--report`, ...) changes nothing and
-only says that a real run would sync first:
+`dvc.lock` hashes). After every Snakemake run `cola dvc-commit` records in dvc.lock the stages
+whose jobs' build records match DVC's view (buildrecord.py). This module is the other direction,
+run by Snakemake before it plans the jobs of a real run (the first input function Snakemake
+calls, workflow/rules/common.smk); a dry run (`-n`, `--summary`, `--report`, ...) changes no
+output, dvc.lock or metadata and only says that a real run would sync first:
 
 1. **Restore.** A stage DVC reports changed is checked out from DVC's cache when its current
    code, inputs and params match a run DVC has recorded (its run cache, filled by `dvc repro`,

@@ -51,13 +51,13 @@ def make_trainer(
     out_dir: Path,
     seed: int,
     callbacks: list[pl.Callback],
+    precise_bn_batches: int,
     **overrides: Any,
 ) -> pl.Trainer:
+    """The Trainer of a training section; `precise_bn_batches` (the section's, or 0 where no
+    BatchNorm layer trains) batches recompute BatchNorm statistics before each evaluation."""
     cfg = section["trainer"]
-    callbacks = [*callbacks, EpochSeeds(seed)]
-    if "precise_bn_batches" in section:  # linear evaluation of a pretrained encoder declares
-        # none: no BatchNorm layer of it trains, so there is nothing to recompute
-        callbacks.append(PreciseBatchNorm(section["precise_bn_batches"]))
+    callbacks = [*callbacks, EpochSeeds(seed), PreciseBatchNorm(precise_bn_batches)]
     accelerator = "gpu" if cfg["accelerator"] == "cuda" else cfg["accelerator"]
     on_gpu = uses_gpu(cfg)
     kwargs: dict[str, Any] = {
