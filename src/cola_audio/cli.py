@@ -238,15 +238,7 @@ def run_stage(name: str, args: argparse.Namespace, params: dict, argv: list[str]
     from cola_audio import buildrecord, stages  # the table is no code dependency of a stage
 
     stage = stages.STAGES[name]
-    item = {w: getattr(args, w, None) for w in stage.matrix}
-    if None not in item.values() and {k: str(v) for k, v in item.items()} not in stage.items(
-        params
-    ):
-        lists = ", ".join(stage.matrix.values())
-        raise BadInput(
-            f"{stage.addressing({k: str(v) for k, v in item.items()})} is not a job of "
-            f"{args.params} ({lists}): add it there first, so that both tools know it"
-        )
+    _refuse_unlisted(stage, args, params)
     job = stages.by_command(argv, params)
     if job is None:
         args.func(args, stage.readable(params))
@@ -261,6 +253,20 @@ def run_stage(name: str, args: argparse.Namespace, params: dict, argv: list[str]
             "%s: an input changed while it ran; not recorded as built, so `cola dvc-commit` "
             "will not commit it (rerun it)",
             stage.addressing(item),
+        )
+
+
+def _refuse_unlisted(stage: Any, args: argparse.Namespace, params: dict) -> None:
+    """A job of a matrix stage must be one params.yaml lists (a run under its own mode, a listed
+    seed or shard): its outputs would otherwise stand where a listed job's belong."""
+    values = {w: getattr(args, w, None) for w in stage.matrix}
+    if None in values.values():  # e.g. `cola featurize` without --shard: every listed shard
+        return
+    item = {w: str(v) for w, v in values.items()}
+    if item not in stage.items(params):
+        raise BadInput(
+            f"{stage.addressing(item)} is not a job of {args.params} "
+            f"({', '.join(stage.matrix.values())}): add it there first, so both tools know it"
         )
 
 

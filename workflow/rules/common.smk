@@ -33,8 +33,9 @@ def dvc_sync(wildcards):
         plugin = workflow.executor_plugin
         real_run = plugin is not None and not workflow.dryrun and not workflow.touch
         sync.before_planning(config["data"]["source"], real_run)
-        if real_run:  # the sync's nested Snakemake calls delete .snakemake/locks when they
-            # end; this one made it before planning and writes its own locks there next
+        # the sync's nested Snakemake calls delete .snakemake/locks when they end;
+        # this one made it before planning and writes its own locks there next
+        if real_run:
             Path(".snakemake", "locks").mkdir(parents=True, exist_ok=True)
     return []
 
