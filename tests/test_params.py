@@ -50,6 +50,47 @@ def test_bad_values_name_key_value_and_allowed(default_params, path, value, expe
         assert fragment in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda p: p["pretrain"].update(batch_size=1), "needs at least 2 clips"),
+        (lambda p: p["report"]["comparisons"].append(p["report"]["comparisons"][0]), "more than"),
+        (
+            lambda p: p["report"]["comparisons"].append(["random-linear", "random-linear"]),
+            "compares a run with itself",
+        ),
+    ],
+    ids=["batch-without-negatives", "duplicate-comparison", "self-comparison"],
+)
+def test_params_that_make_no_sense_are_refused(default_params, edit, expected):
+    """Each passed the schema and then produced a meaningless result: a contrastive loss of 0
+    with accuracy 1.0, a metrics key written twice, "no detectable difference" of a run from
+    itself."""
+    bad = copy.deepcopy(default_params)
+    edit(bad)
+    with pytest.raises(params.ParamsError, match=expected):
+        params.validate(bad)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [("pretrain", "batch_size", "abc"), ("finetune", "lr", "x"), ("finetune", "seeds", 3)],
+)
+def test_a_type_error_in_a_shared_section_names_only_the_bad_value(
+    default_params, section, key, value
+):
+    """pretrain and finetune extend a shared schema with allOf; one bad value made the validator
+    report every valid key of the section as an "unexpected" property too."""
+    bad = copy.deepcopy(default_params)
+    bad[section][key] = value
+    with pytest.raises(params.ParamsError) as info:
+        params.validate(bad)
+    message = str(info.value)
+    assert f"{section}.{key} = {value!r} is invalid" in message
+    assert "unexpected" not in message and "unknown key" not in message
+    assert message.count("\n  - ") == 1
+
+
 def test_unknown_key_is_named_with_the_known_ones(default_params):
     bad = copy.deepcopy(default_params)
     bad["features"]["n_mel"] = 64

@@ -47,15 +47,28 @@ def _describe(error: jsonschema.ValidationError) -> str:
     if error.validator == "enum":
         allowed = "one of " + ", ".join(map(str, error.validator_value))
     elif error.validator in ("additionalProperties", "unevaluatedProperties"):
-        known = sorted((error.schema.get("properties") or {}).keys())
-        if not known and error.validator == "unevaluatedProperties":
-            known = sorted(_allof_keys(error.schema))
+        known = sorted(_known_keys(error.schema))
         allowed = "known keys: " + ", ".join(known) if known else None
     value = error.instance if not isinstance(error.instance, dict) else "{...}"
     msg = f"{key} = {value!r} is invalid: {error.message}"
+    if error.validator == "unevaluatedProperties":  # name only keys the schema does not know
+        unknown = ", ".join(repr(k) for k in sorted(set(error.instance) - set(known)))
+        msg = f"{key} has unknown key(s) {unknown}"
     if allowed:
         msg += f" (allowed: {allowed})"
     return msg
+
+
+def _known_keys(schema: dict[str, Any]) -> set[str]:
+    return set(schema.get("properties") or {}) | _allof_keys(schema)
+
+
+def _spurious(error: jsonschema.ValidationError) -> bool:
+    """An unevaluatedProperties error raised only because a sibling value failed its own check:
+    the keys of a failing allOf branch count as unevaluated, though the schema knows them."""
+    return error.validator == "unevaluatedProperties" and not (
+        set(error.instance) - _known_keys(error.schema)
+    )
 
 
 def _allof_keys(schema: dict[str, Any]) -> set[str]:
@@ -72,7 +85,10 @@ def validate(params: dict[str, Any], source: str = "params.yaml") -> dict[str, A
     """Raise ParamsError listing every violation; return params unchanged when valid."""
     schema = load_schema()
     validator = _strict_integers(jsonschema.validators.validator_for(schema))(schema)
-    errors = sorted(validator.iter_errors(params), key=lambda e: list(map(str, e.absolute_path)))
+    errors = sorted(
+        (e for e in validator.iter_errors(params) if not _spurious(e)),
+        key=lambda e: list(map(str, e.absolute_path)),
+    )
     if errors:
         lines = "\n".join(f"  - {_describe(e)}" for e in errors)
         raise ParamsError(f"{source}: invalid parameters:\n{lines}\nFix the values in {source}.")
@@ -146,11 +162,28 @@ def _data_and_run_problems(params: dict[str, Any]) -> list[str]:
         problems.append("finetune.runs lists no run")
     if twice := sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"finetune.runs: {', '.join(twice)} listed more than once")
-    for pair in params["report"]["comparisons"]:
+    if params["pretrain"]["batch_size"] < 2:
+        problems.append(
+            f"pretrain.batch_size = {params['pretrain']['batch_size']}: a contrastive batch "
+            "needs at least 2 clips (the others are each clip's negatives)"
+        )
+    return problems + _comparison_problems(params["report"]["comparisons"], names)
+
+
+def _comparison_problems(comparisons: list[list[str]], names: list[str]) -> list[str]:
+    """Each pair names two different runs, once: a self comparison has no difference to find
+    and a repeated pair would write one metrics key twice."""
+    problems, seen = [], set()
+    for pair in comparisons:
         if unknown := [r for r in pair if r not in names]:
             problems.append(
                 f"report.comparisons {pair}: {', '.join(unknown)} not a run of finetune.runs"
             )
+        if pair[0] == pair[1]:
+            problems.append(f"report.comparisons {pair}: compares a run with itself")
+        elif tuple(pair) in seen:
+            problems.append(f"report.comparisons {pair}: listed more than once")
+        seen.add(tuple(pair))
     return problems
 
 
