@@ -3,6 +3,7 @@
 import hashlib
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,62 @@ def test_a_header_announcing_absurd_length_is_skipped_not_a_crash(tmp_path, defa
     assert result.features is None
     assert result.reason.startswith("truncated stream: decoded")
     assert "68719476735 frames the header announces" in result.reason
+
+
+def _wav_with_header(path: Path, offset: int, fmt: str, value: int) -> None:
+    """A valid 1 s 16 kHz WAV whose fmt chunk then says `value` at `offset` (22: channels,
+    24: sample rate)."""
+    sf.write(path, np.sin(np.arange(16000, dtype=np.float32) / 10) * 0.1, 16000, "PCM_16")
+    data = bytearray(path.read_bytes())
+    struct.pack_into(fmt, data, offset, value)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("offset", "fmt", "value", "reason"),
+    [
+        (24, "<I", 1, "sample rate 1 Hz"),
+        (24, "<I", 3, "sample rate 3 Hz"),
+        (24, "<I", 2**31 - 1, "sample rate 2147483647 Hz"),
+        (22, "<H", 1000, "1000 channels"),
+    ],
+    ids=["rate-1Hz", "rate-3Hz", "rate-2^31", "1000-channels"],
+)
+def test_a_lying_header_is_skipped_before_anything_grows_with_it(
+    tmp_path, default_params, offset, fmt, value, reason
+):
+    """16,000 frames announced at 1 Hz are 4.4 hours: resampling them to 16 kHz asked for a
+    gigabyte and killed the shard. Such values are refused as the header is read."""
+    path = tmp_path / "liar.wav"
+    _wav_with_header(path, offset, fmt, value)
+    result = featurize.featurize_file(1, str(path), default_params["features"])
+    assert result.features is None
+    assert result.reason.startswith("implausible header") and reason in result.reason
+
+
+def test_a_directory_named_like_audio_is_skipped_as_a_directory(tmp_path, default_params):
+    (tmp_path / "clip.wav").mkdir()
+    result = featurize.featurize_file(1, str(tmp_path / "clip.wav"), default_params["features"])
+    assert result.reason == "a directory, not an audio file"
+
+
+@pytest.mark.parametrize("with_sha1", [False, True], ids=["decode", "sha1-check"])
+def test_an_unreadable_file_is_skipped_with_its_reason(
+    tmp_path, default_params, monkeypatch, with_sha1
+):
+    """Permission denied while hashing or decoding is a skipped clip, not a dead shard (root
+    reads every file, so the denial is simulated)."""
+    path = tmp_path / "locked.wav"
+    _wav_with_header(path, 24, "<I", 16000)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(featurize.digest, "file_digest", denied)
+    monkeypatch.setattr(featurize.sf, "SoundFile", denied)
+    sha1 = "0" * 40 if with_sha1 else None
+    result = featurize.featurize_file(1, str(path), default_params["features"], sha1)
+    assert result.features is None and result.reason.startswith("unreadable: permission denied")
 
 
 def test_non_finite_samples_are_skipped_with_their_reason(tmp_path, default_params):

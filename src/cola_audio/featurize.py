@@ -52,10 +52,41 @@ PLAUSIBLE_FRAMES_PER_BYTE = 64
 BLOCK_FRAMES = 1 << 15  # libsndfile fails the block that reaches a lying header's end: lose little
 
 
+# Header values no recording has, refused before anything is allocated from them: a WAV header
+# claiming 1 Hz made resampling to 16 kHz ask for gigabytes (16,000x the decoded length).
+PLAUSIBLE_RATES_HZ = (1_000, 768_000)
+MAX_CHANNELS = 64
+MAX_SECONDS = 6 * 3600  # FMA's full tracks are hours long at most; longer is a lying header
+
+
+UNREADABLE = "unreadable: permission denied (fix the file's permissions)"
+
+
+class ImplausibleHeader(BadInput):
+    """A header value no real recording has; the message is the skip reason."""
+
+
+def plausible_header(rate: int, channels: int, frames: int) -> None:
+    """Raise ImplausibleHeader unless the header's rate, channels and length could be real."""
+    low, high = PLAUSIBLE_RATES_HZ
+    if not low <= rate <= high:
+        raise ImplausibleHeader(
+            f"implausible header: sample rate {rate} Hz (outside {low}-{high} Hz)"
+        )
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise ImplausibleHeader(f"implausible header: {channels} channels (at most {MAX_CHANNELS})")
+    if frames / rate > MAX_SECONDS:
+        raise ImplausibleHeader(
+            f"implausible header: {frames / rate / 3600:.1f} h at {rate} Hz "
+            f"(at most {MAX_SECONDS // 3600} h)"
+        )
+
+
 def decode(path: Path) -> tuple[np.ndarray, int, int]:
     """(mono float32 waveform, sample rate, frames the header announces)."""
     with sf.SoundFile(path) as fh:
         header_frames, sr = fh.frames, fh.samplerate
+        plausible_header(sr, fh.channels, 0)  # the length is checked on what really decodes
         if header_frames <= PLAUSIBLE_FRAMES_PER_BYTE * Path(path).stat().st_size:
             audio = fh.read(dtype="float32", always_2d=True)
         else:  # read what the stream really holds, block by block
@@ -82,15 +113,22 @@ def downmix(audio: np.ndarray) -> np.ndarray:
 
 def check_audio(path: Path, features: dict[str, Any]) -> tuple[np.ndarray, int] | str:
     """The decoded mono waveform and its rate, or the reason the clip must be skipped."""
+    if path.is_dir():
+        return "a directory, not an audio file"
     if not path.is_file():
         return "missing file"
     if path.stat().st_size == 0:
         return "empty file (0 bytes)"
     try:
         wave, sr, header_frames = decode(path)
+        plausible_header(sr, 1, len(wave))
+    except ImplausibleHeader as exc:
+        return str(exc)
     except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
         detail = getattr(exc, "error_string", None) or str(exc)
         return f"undecodable: no audio stream libsndfile can open ({detail})"
+    except PermissionError:
+        return UNREADABLE
     if header_frames > 0 and len(wave) < features["min_decoded_fraction"] * header_frames:
         return (
             f"truncated stream: decoded {len(wave)} of {header_frames} frames the header "
@@ -111,8 +149,15 @@ def featurize_file(
 ) -> Decoded:
     """Decode and featurize one clip, turning every failure into a recorded reason. `sha1`: what
     the file hashed to when `cola download` indexed it (audio outside data/raw can change)."""
-    if sha1 and Path(path).is_file() and digest.file_digest(path, "sha1") != sha1:
-        return Decoded(track_id, None, "changed since `cola download` indexed it; rerun download")
+    if sha1 and Path(path).is_file():
+        try:
+            changed = digest.file_digest(path, "sha1") != sha1
+        except PermissionError:
+            return Decoded(track_id, None, UNREADABLE)
+        if changed:
+            return Decoded(
+                track_id, None, "changed since `cola download` indexed it; rerun download"
+            )
     checked = check_audio(Path(path), features)
     if isinstance(checked, str):
         return Decoded(track_id, None, checked)
