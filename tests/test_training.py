@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from cola_audio import finetune, pretrain
 from cola_audio.errors import BadInput
-from cola_audio.models.encoder import Encoder, save_encoder
+from cola_audio.models.encoder import Encoder, FrontEndMismatch, save_encoder
 from cola_audio.params import finetune_runs
 from conftest import REPO
 
@@ -110,6 +110,27 @@ def test_pretrained_init_without_an_encoder_is_an_error(tiny_data, tmp_path):
         _finetune(tiny_data, tmp_path, "pretrained-finetune", tmp_path / "none.safetensors")
     with pytest.raises(BadInput, match="choose finetune or linear"):
         finetune.run(tiny_data["params"], "x", 0, "probe", out_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("n_mels", 40), ("sample_rate", 22050), ("waveform_norm", "none")]
+)
+@pytest.mark.parametrize("run", ["pretrained-finetune", "pretrained-linear"])
+def test_an_encoder_trained_on_another_front_end_is_refused_naming_both_values(
+    tiny_data, tmp_path, run, key, value
+):
+    """EfficientNet takes any number of mel bands: a 40-mel encoder fine-tuned on 64-mel
+    features trained and reported a number. Its stored front-end is compared first."""
+    summary = tiny_data["features"] / "summary.json"
+    frontend = json.loads(summary.read_text())["frontend"]
+    path = tmp_path / "other.safetensors"
+    save_encoder(Encoder(), path, frontend={**frontend, key: value})
+    with pytest.raises(FrontEndMismatch) as info:
+        _finetune(tiny_data, tmp_path / "out", run, path)
+    message = str(info.value)
+    assert f"{key}: {value!r} in the encoder, {frontend[key]!r} in the features" in message
+    assert str(path) in message and str(summary) in message
+    assert not (tmp_path / "out" / run).exists()
 
 
 def test_same_seed_gives_the_same_metrics_and_another_seed_other_training(tiny_data, tmp_path):

@@ -15,7 +15,7 @@ from cola_audio import checkpoints, curves, fsutil, training
 from cola_audio.data import GenreData
 from cola_audio.errors import BadInput, MissingInput
 from cola_audio.models.classifier import GenreClassifier
-from cola_audio.models.encoder import load_encoder_weights
+from cola_audio.models.encoder import check_frontend, load_encoder_weights
 from cola_audio.stats import classification_metrics
 from cola_audio.store import FeatureStore
 
@@ -54,8 +54,18 @@ def run(
         None if encoder is None else Path(encoder),
         run_dir(out_dir, run_name, seed),
     )
+    if job.encoder is not None:
+        _check_encoder(job.encoder, job.features)
     with checkpoints.exclusive(job.out):
         return _run(job, callbacks, trainer_overrides)
+
+
+def _check_encoder(encoder: Path, features: Path) -> None:
+    """Before the run folder exists: the encoder is there and fits the features' front-end."""
+    if not encoder.is_file():
+        raise MissingInput(f"{encoder}: no pretrained encoder; run `cola pretrain` first")
+    summary = features / "summary.json"
+    check_frontend(encoder, fsutil.read_json(summary)["frontend"], str(summary))
 
 
 @dataclass(frozen=True)
@@ -141,8 +151,6 @@ def _wire(job: Job) -> tuple[GenreData, GenreClassifier, str]:
     data.setup()
     inputs = [*FeatureStore.files(job.features), job.meta_dir / "finetune.json"]
     if job.encoder is not None:
-        if not job.encoder.is_file():
-            raise MissingInput(f"{job.encoder}: no pretrained encoder; run `cola pretrain` first")
         inputs.append(job.encoder)
     identity = checkpoints.run_identity(
         cfg,

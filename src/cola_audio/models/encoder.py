@@ -148,6 +148,32 @@ def encoder_metadata(path: str | Path) -> dict[str, str]:
         return dict(fh.metadata() or {})
 
 
+class FrontEndMismatch(BadInput):
+    """An encoder used on features made by another front-end than the one it was trained on."""
+
+
+def check_frontend(path: str | Path, features: dict[str, Any], features_label: str) -> None:
+    """Refuse an encoder whose stored front-end differs from the features it is about to see:
+    EfficientNet takes any number of mel bands, so a 40-mel encoder trains on 64-mel features
+    without a shape error and reports a number that means nothing."""
+    stored = encoder_metadata(path).get("frontend")
+    if stored is None:
+        return  # written before encoders recorded their front-end: nothing to compare
+    trained = json.loads(stored)
+    differ = sorted(
+        k for k in trained.keys() | features.keys() if trained.get(k) != features.get(k)
+    )
+    if differ:
+        shown = "; ".join(
+            f"{k}: {trained.get(k)!r} in the encoder, {features.get(k)!r} in the features"
+            for k in differ
+        )
+        raise FrontEndMismatch(
+            f"{path} was trained on another front-end than {features_label} ({shown}). "
+            "Pretrain on these features (`cola pretrain`) or featurize with the encoder's values."
+        )
+
+
 def load_encoder_weights(encoder: Encoder, path: str | Path) -> None:
     """Strict load: any missing or unexpected key is an error naming the keys."""
     path = Path(path)
