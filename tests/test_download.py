@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.server
+import logging
+import os
+import random
+import re
 import shutil
+import stat
 import threading
+import types
 import zipfile
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -14,12 +22,14 @@ from cola_audio import download
 
 
 class ArchiveServer(http.server.ThreadingHTTPServer):
-    """Serves `files` with Range support; `cut_first` names files whose first transfer breaks."""
+    """Serves `files` with Range support; `cut_first` names files whose first transfer breaks,
+    `range_fault` files whose ranged replies are broken (see `_ranged_reply`)."""
 
     def __init__(self, files: dict[str, bytes]) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.files = files
         self.cut_first: set[str] = set()
+        self.range_fault: dict[str, str] = {}
         self.requests: list[tuple[str, str | None]] = []
 
     @property
@@ -45,10 +55,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if start >= len(data):
             self.send_error(416, "Range Not Satisfiable")
             return
-        body = data[start:]
+        first, content_range = (
+            _ranged_reply(self.server.range_fault.get(name), start, len(data)) if rng else (0, None)
+        )
+        body = data[first:]
         self.send_response(206 if rng else 200)
-        if rng:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        if content_range is not None:
+            self.send_header("Content-Range", content_range)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if name in self.server.cut_first:
@@ -58,6 +71,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self.wfile.write(body)
+
+
+def _ranged_reply(fault: str | None, start: int, size: int) -> tuple[int, str | None]:
+    """(first byte sent, Content-Range) for a Range request from `start`: honest, unless `fault`
+    names a broken server or proxy: one that answers from later ("ahead") or earlier ("behind")
+    with a true header, or sends everything as a 206 with no ("missing") or a "garbled" header;
+    "star" is honest with an unknown total (`/*`)."""
+    first = {"ahead": start + 1000, "behind": start - 1000, "missing": 0, "garbled": 0}
+    sent = first.get(fault or "", start)
+    headers = {
+        "missing": None,
+        "garbled": "bytes lots-of/nonsense",
+        "star": f"bytes {sent}-{size - 1}/*",
+    }
+    return sent, headers.get(fault or "", f"bytes {sent}-{size - 1}/{size}")
 
 
 @pytest.fixture
@@ -74,7 +102,7 @@ def make_zip(
     top: str,
     files: dict[str, bytes],
     checksums: dict[str, str] | None = None,
-    extra_members: dict[str, bytes] | None = None,
+    extra_members: dict[str | zipfile.ZipInfo, bytes] | None = None,
 ) -> bytes:
     """A BZIP2 zip like the release: `top/README.txt`, `top/checksums`, `top/<files>`."""
     import io
@@ -186,6 +214,272 @@ def test_member_failing_the_archive_checksums_is_named(tmp_path):
     with pytest.raises(download.ChecksumError, match=r"000/000005.mp3 \(SHA1 mismatch\)"):
         download.extract(archive, tmp_path / "raw")
     assert not (tmp_path / "raw" / "fma_small").exists()
+
+
+@pytest.mark.parametrize(
+    ("fault", "starts_over"),
+    [("ahead", True), ("missing", True), ("garbled", True), ("behind", False), ("star", False)],
+)
+def test_resumed_bytes_are_placed_where_content_range_says_or_the_transfer_starts_over(
+    server, tmp_path, caplog, fault, starts_over
+):
+    """A 206 from before our offset overwrites the overlap; one from after it, or without a
+    readable Content-Range, is not used: the part is emptied and the retry fetches from byte 0."""
+    blob = bytes(range(256)) * 5000
+    server.files["fma_small.zip"] = blob
+    server.cut_first.add("fma_small.zip")
+    server.range_fault["fma_small.zip"] = fault
+    dest = tmp_path / "fma_small.zip"
+    with caplog.at_level(logging.WARNING, logger="cola_audio.download"):
+        download.fetch(server.url + "fma_small.zip", dest, sha1(blob), **fast())  # SHA1-checked
+    assert dest.read_bytes() == blob
+    ranges = [r for _, r in server.requests]
+    assert ranges == [None, f"bytes={len(blob) // 2}-"] + ([None] if starts_over else [])
+    assert ("start over from byte 0" in caplog.text) == starts_over
+
+
+MP3S = {"000/000002.mp3": b"a" * 5000, "000/000005.mp3": b"b" * 5000}
+SUMS = {name: sha1(data) for name, data in MP3S.items()}
+
+
+def noise(size: int) -> bytes:
+    """Incompressible bytes, as MP3 frames nearly are."""
+    return random.Random(size).randbytes(size)
+
+
+def write_archive(tmp_path: Path, blob: bytes) -> Path:
+    archive = tmp_path / "fma_small.zip"
+    archive.write_bytes(blob)
+    return archive
+
+
+@pytest.mark.parametrize(
+    ("sums", "extra", "named"),
+    [
+        pytest.param({}, {}, "lists no files", id="empty-checksums"),
+        pytest.param(
+            {"000/000002.mp3": SUMS["000/000002.mp3"]}, {}, "000/000005.mp3", id="unlisted"
+        ),
+        pytest.param({**SUMS, "000/000010.mp3": "0" * 40}, {}, "000/000010.mp3", id="absent"),
+        pytest.param(
+            SUMS, {"fma_small/000/README.txt": b"x"}, "000/README.txt", id="readme-deeper"
+        ),
+        pytest.param(
+            SUMS,
+            {f"fma_small/extra/{i}.txt": b"x" for i in range(8)},
+            "8 member(s) are not in its checksums (extra/0.txt, extra/1.txt, extra/2.txt and 5",
+            id="many-unlisted",
+        ),
+    ],
+)
+def test_archive_whose_checksums_do_not_list_exactly_its_files_is_refused(
+    tmp_path, sums, extra, named
+):
+    """Only top-level README.txt and checksums may go unlisted, as in the release; anything
+    else unlisted would be extracted unverified."""
+    archive = write_archive(tmp_path, make_zip("fma_small", MP3S, sums, extra_members=extra))
+    with pytest.raises(download.DownloadError, match="must list every member") as info:
+        download.extract(archive, tmp_path / "raw")
+    assert isinstance(info.value, download.ListingError)
+    assert str(archive) in str(info.value) and named in str(info.value)
+    assert "Delete the archive and download it again" in str(info.value)
+    assert not (tmp_path / "raw").exists()  # refused before anything was written
+
+
+def symlink(name: str) -> zipfile.ZipInfo:
+    """A member as `zip --symlinks` stores it on unix: S_IFLNK in the high bits, target as data."""
+    info = zipfile.ZipInfo(name)
+    info.create_system = 3
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+@pytest.mark.parametrize(
+    ("member", "problem"),
+    [
+        pytest.param(symlink("fma_small/000/000009.mp3"), "is a symlink", id="symlink"),
+        pytest.param("fma_small/000/000002.mp3", "appears more than once", id="duplicate"),
+        pytest.param("fma_small/000//000002.mp3", "appears more than once", id="dup-slashes"),
+        pytest.param("fma_small/./000/000002.mp3", "appears more than once", id="dup-dot"),
+    ],
+)
+def test_symlink_or_duplicate_member_is_refused(tmp_path, member, problem):
+    """Listed with the right SHA1, so only the member's kind or name gives it away: a symlink
+    would be written as a regular file and a duplicate would silently replace the first."""
+    data = b"/etc/passwd"
+    name = member.filename if isinstance(member, zipfile.ZipInfo) else member
+    sums = {**SUMS, PurePosixPath(name).relative_to("fma_small").as_posix(): sha1(data)}
+    archive = write_archive(tmp_path, make_zip("fma_small", MP3S, sums, {member: data}))
+    with pytest.raises(download.UnsafeArchiveError, match=problem):
+        download.extract(archive, tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+
+
+@pytest.mark.parametrize(
+    ("data", "refused"),
+    [
+        pytest.param(bytes(64 << 20), True, id="64MiB-of-zeros"),
+        pytest.param(bytes(1 << 20), False, id="1MiB-of-zeros-under-the-ratio-floor"),
+        pytest.param(noise(2 << 20), False, id="mp3-like-1-to-1"),
+    ],
+)
+def test_zip_bomb_is_refused_before_anything_is_written(tmp_path, data, refused):
+    archive = write_archive(tmp_path, make_zip("fma_small", {"000/000002.mp3": data}))
+    if not refused:
+        download.extract(archive, tmp_path / "raw")
+        assert (tmp_path / "raw" / "fma_small" / "000" / "000002.mp3").read_bytes() == data
+        return
+    with pytest.raises(download.UnsafeArchiveError, match=r"64.0 MiB from .* likely a zip bomb"):
+        download.extract(archive, tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+
+
+@pytest.mark.parametrize("short_by", [1, 0])
+def test_archive_larger_than_the_free_space_is_refused_before_anything_is_written(
+    tmp_path, monkeypatch, short_by
+):
+    archive = write_archive(tmp_path, make_zip("fma_small", MP3S))
+    with zipfile.ZipFile(archive) as zf:
+        need = sum(info.file_size for info in zf.infolist())
+    probed = []
+
+    def disk_usage(path):
+        probed.append(Path(path))
+        return types.SimpleNamespace(total=1 << 40, used=0, free=need - short_by)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    raw = tmp_path / "raw"
+    if not short_by:
+        assert download.extract(archive, raw) == raw / "fma_small"
+        return
+    free_at = (
+        rf"needs 9.9 KiB, 9.9 KiB free at {re.escape(str(raw))}\. The verified archive is kept"
+    )
+    with pytest.raises(download.DownloadError, match=free_at) as info:
+        download.extract(archive, raw)
+    assert isinstance(info.value, download.NoSpaceError)
+    assert probed == [tmp_path]  # raw does not exist yet: its nearest existing parent
+    assert not raw.exists()
+
+
+def declare_size(blob: bytes, size: int, name: bytes = b"fma_small/000/000002.mp3") -> bytes:
+    """`blob` with `name`'s uncompressed size in the central directory (what zipfile trusts)
+    set to `size`."""
+    out = bytearray(blob)
+    entry = out.index(b"PK\x01\x02")  # central-directory entries: name at +46, size at +24
+    while out[entry + 46 : entry + 46 + len(name)] != name:
+        entry = out.index(b"PK\x01\x02", entry + 4)
+    out[entry + 24 : entry + 28] = size.to_bytes(4, "little")
+    return bytes(out)
+
+
+@pytest.mark.parametrize("declared", [2 << 20, 1])
+def test_member_is_never_written_past_its_declared_size(tmp_path, monkeypatch, declared):
+    """The central directory declares less than the member holds: zipfile stops at the declared
+    size (then fails the CRC), so the free-space and bomb checks bound what is written."""
+    blob = make_zip("fma_small", {"000/000002.mp3": noise(3 << 20)})
+    archive = write_archive(tmp_path, declare_size(blob, declared))
+    written: list[tuple[str, int]] = []
+    record_writes(monkeypatch, written)
+    with pytest.raises(download.DownloadError, match="truncated or corrupt"):
+        download.extract(archive, tmp_path / "raw")
+    assert sum(n for path, n in written if path.endswith("000002.mp3")) <= declared
+    assert not list((tmp_path / "raw").iterdir())
+
+
+class _BrokenFile:
+    """A file opened for writing whose writes fail, or are logged to `log` when `exc` is None."""
+
+    def __init__(self, fh, exc: BaseException | None, log: list | None = None) -> None:
+        self.fh, self.exc, self.log = fh, exc, log
+
+    def __enter__(self) -> _BrokenFile:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.fh.close()
+
+    def write(self, data: bytes) -> int:
+        if self.exc is not None:
+            raise self.exc
+        self.log.append((self.fh.name, len(data)))
+        return self.fh.write(data)
+
+
+def patch_open(monkeypatch, wrap) -> None:
+    """Route the download module's open(…, "wb") through `wrap(fh, path)` (extraction writes
+    members with the builtin open)."""
+    real_open = open
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        fh = real_open(path, mode, *args, **kwargs)
+        return wrap(fh, path) if "w" in mode else fh
+
+    monkeypatch.setattr(download, "open", fake_open, raising=False)
+
+
+def record_writes(monkeypatch, log: list[tuple[str, int]]) -> None:
+    patch_open(monkeypatch, lambda fh, path: _BrokenFile(fh, None, log))
+
+
+def break_writes(monkeypatch, exc: BaseException) -> None:
+    patch_open(monkeypatch, lambda fh, path: _BrokenFile(fh, exc))
+
+
+def deny_opens(monkeypatch, code: int) -> None:
+    def wrap(fh, path):
+        fh.close()
+        raise PermissionError(code, os.strerror(code), str(path))
+
+    patch_open(monkeypatch, wrap)
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        (errno.ENOSPC, "no space left on device while extracting to"),
+        (errno.EDQUOT, "no space left on device while extracting to"),
+        (errno.EACCES, "permission denied writing"),
+        (errno.EPERM, "permission denied writing"),
+    ],
+)
+def test_full_disk_or_locked_folder_keeps_the_archive_and_says_so(
+    tmp_path, monkeypatch, code, message
+):
+    """Neither is the archive's fault: the message must not send the user to delete it."""
+    archive = write_archive(tmp_path, make_zip("fma_small", MP3S))
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        break_writes(monkeypatch, OSError(code, os.strerror(code)))  # write() has no filename
+    else:
+        deny_opens(monkeypatch, code)
+    raw = tmp_path / "raw"
+    with pytest.raises(download.DownloadError, match=message) as info:
+        download.extract(archive, raw)
+    text = str(info.value)
+    assert str(raw / ".fma_small.extracting") in text and "archive is kept" in text
+    assert "corrupt" not in text and "Delete" not in text
+    assert archive.is_file() and not list(raw.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("failure", "raised"),
+    [("sha1-mismatch", download.ChecksumError), ("ctrl-c", KeyboardInterrupt)],
+)
+def test_staging_folder_goes_on_every_failure_and_the_old_folder_stays(
+    tmp_path, monkeypatch, failure, raised
+):
+    raw = tmp_path / "raw"
+    (raw / "fma_small").mkdir(parents=True)
+    (raw / "fma_small" / "keep.txt").write_text("earlier extraction")
+    sums = {**SUMS, "000/000005.mp3": "f" * 40} if failure == "sha1-mismatch" else SUMS
+    archive = write_archive(tmp_path, make_zip("fma_small", MP3S, sums))
+    if failure == "ctrl-c":
+        break_writes(monkeypatch, KeyboardInterrupt())
+    with pytest.raises(raised):
+        download.extract(archive, raw)
+    assert sorted(p.name for p in raw.iterdir()) == ["fma_small"]
+    assert (raw / "fma_small" / "keep.txt").read_text() == "earlier extraction"
 
 
 def test_download_fma_end_to_end(server, tmp_path, tiny_data, default_params):

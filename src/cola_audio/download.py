@@ -4,18 +4,29 @@ Real archives are large (up to 93 GiB) and the server is far away, so a transfer
 Range after an interruption, retries with backoff, and only gets its final name once its SHA1
 matches the official sum. The archives live in data/downloads/, outside the stage's declared output:
 Snakemake removes data/raw when the job fails and both tools before they rerun it, and neither must
-take verified archives or a `.part` file with it (DVC does not cache them either). Extraction
-refuses members that would escape the target folder or sit under another top folder than the
-archive's name promises, and checks every file against the archive's own `checksums` file before
-the folder appears under its final name.
+take verified archives or a `.part` file with it (DVC does not cache them either). A resumed
+response is used only where its Content-Range starts at or before the bytes we hold.
+
+Extraction refuses, before it writes anything: members that would escape the target folder or sit
+under another top folder than the archive's name promises, symlinks and other non-regular files,
+names given twice, a member whose declared size is over MAX_RATIO times its compressed size (a zip
+bomb), an archive whose declared sizes exceed the free space, and a `checksums` file that does not
+list exactly the archive's files (only README.txt and checksums itself go unlisted, as in the
+release). Each file's SHA1 is checked as it streams out, and the folder appears under its final name
+only when all match; on any failure the staging folder is removed.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import http.client
+import io
 import logging
 import os
+import re
 import shutil
+import stat
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +40,10 @@ from cola_audio.errors import InputError
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 ARCHIVE_DIR = Path("data/downloads")  # the download cache: no stage's output, so never deleted
+MAX_RATIO = 200  # declared size / compressed size; the release's MP3s are ~1:1, its CSVs ~10:1
+BOMB_MIN_SIZE = 1 << 20  # smaller members may compress better (a short README) without harm
+UNLISTED = {"README.txt", "checksums"}  # the only members the release's checksums do not list
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
 class DownloadError(InputError, RuntimeError):
@@ -40,13 +55,41 @@ class ChecksumError(DownloadError):
 
 
 class UnsafeArchiveError(DownloadError):
-    """A zip member would land outside the extraction folder (zip-slip)."""
+    """A zip member extraction must not write: zip-slip, a symlink, a duplicate, a zip bomb."""
+
+
+class ListingError(ChecksumError):
+    """The archive's `checksums` file does not list exactly its members, so some go unverified."""
+
+
+class NoSpaceError(DownloadError):
+    """The extraction does not fit on its file system; the verified archive is kept."""
+
+
+class _BadRange(http.client.HTTPException):
+    """A 206 whose Content-Range we cannot append: `fetch` retries it from byte 0."""
 
 
 def _move_aside(path: Path, why: str) -> Path:
     aside = path.with_name(f"{path.name}.{why}")
     os.replace(path, aside)
     return aside
+
+
+def _start_byte(response: http.client.HTTPResponse, offset: int) -> int:
+    """Where the body starts in the file: 0 on a 200 (the server ignored Range); on a 206 the
+    first byte of its Content-Range, if at or before `offset`. One that starts later, or has no
+    readable Content-Range, would append garbage that fails the SHA1 and wastes the transfer."""
+    if response.status != 206:
+        return 0
+    header = response.headers.get("Content-Range")
+    match = _CONTENT_RANGE.fullmatch((header or "").strip())
+    if match and int(match[1]) <= offset:
+        return int(match[1])
+    raise _BadRange(
+        f"a resumed response for bytes from {offset} carries Content-Range {header!r}; "
+        "discarding the partial download to start over from byte 0"
+    )
 
 
 def _transfer(url: str, part: Path, timeout_s: float) -> None:
@@ -60,12 +103,15 @@ def _transfer(url: str, part: Path, timeout_s: float) -> None:
             return
         raise
     with response:
-        resumed = response.status == 206
-        if offset and not resumed:  # server ignored Range: start over rather than duplicate bytes
-            offset = 0
+        try:
+            start = _start_byte(response, offset)
+        except _BadRange:
+            part.write_bytes(b"")  # the retry starts over from byte 0
+            raise
         expected = response.headers.get("Content-Length")
         received = 0
-        with open(part, "ab" if resumed else "wb") as fh:
+        with open(part, "ab") as fh:
+            fh.truncate(start)  # drop what the server sends again (everything on a 200)
             while chunk := response.read(CHUNK):
                 fh.write(chunk)
                 received += len(chunk)
@@ -125,21 +171,202 @@ def fetch(
     return dest
 
 
-def _safe_member(name: str, archive: Path) -> PurePosixPath:
-    path = PurePosixPath(name)
+def _refusal(archive: Path, problem: str) -> UnsafeArchiveError:
+    return UnsafeArchiveError(
+        f"{archive}: {problem}; refusing the archive (nothing was written). Delete it and "
+        "download it again from the official source."
+    )
+
+
+def _safe_member(info: zipfile.ZipInfo, archive: Path) -> PurePosixPath:
+    """The member's path, refused where writing it could land outside its folder or not be a
+    plain file: the release holds only regular files under one top folder."""
+    name, path = info.filename, PurePosixPath(info.filename)
     if path.is_absolute() or ".." in path.parts or (path.parts and ":" in path.parts[0]):
-        raise UnsafeArchiveError(
-            f"{archive}: member {name!r} would be written outside the extraction folder; refusing "
-            "the archive. Delete it and download it again from the official source."
-        )
+        raise _refusal(archive, f"member {name!r} would be written outside the extraction folder")
+    if len(path.parts) < 2:
+        raise _refusal(archive, f"member {name!r} sits outside the archive's top folder")
+    mode = info.external_attr >> 16  # unix st_mode where the zip was made on unix, else 0
+    if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
+        kind = "symlink" if stat.S_ISLNK(mode) else "special file"
+        raise _refusal(archive, f"member {name!r} is a {kind}, not a regular file")
     return path
+
+
+def _members(zf: zipfile.ZipFile, archive: Path) -> tuple[str, dict[str, zipfile.ZipInfo]]:
+    """The top folder and the files by their path under it. A name given twice (also as `a//b`
+    or `a/./b`) is refused: zipfile would silently keep the last one."""
+    files: dict[PurePosixPath, zipfile.ZipInfo] = {}
+    for info in zf.infolist():
+        if info.is_dir():
+            continue
+        path = _safe_member(info, archive)
+        if path in files:
+            raise _refusal(archive, f"member {path.as_posix()!r} appears more than once")
+        files[path] = info
+    tops, expected = {p.parts[0] for p in files}, archive.name.removesuffix(".zip")
+    if len(tops) != 1:
+        raise DownloadError(f"{archive}: expected one top-level folder, found {sorted(tops)}")
+    top = tops.pop()
+    if top != expected:
+        raise UnsafeArchiveError(
+            f"{archive}: its files sit under {top}/, not {expected}/ as the archive name "
+            "promises; refusing it (nothing was removed). Delete it and download it again."
+        )
+    return top, {PurePosixPath(*p.parts[1:]).as_posix(): info for p, info in files.items()}
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _free_bytes(root: Path) -> int:
+    """Free space on the file system that will hold `root`, which may not exist yet."""
+    probe = root.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def _check_sizes(files: dict[str, zipfile.ZipInfo], archive: Path, root: Path) -> None:
+    """Refuse a zip bomb, or an archive that cannot fit, from the declared sizes alone, before a
+    byte is written. zipfile never returns more than a member declares (it stops at `file_size`
+    and checks the CRC), so the declared sizes bound what extraction writes."""
+    for info in files.values():
+        if info.file_size > BOMB_MIN_SIZE and info.file_size > MAX_RATIO * info.compress_size:
+            raise _refusal(
+                archive,
+                f"member {info.filename!r} declares {_size(info.file_size)} from "
+                f"{_size(info.compress_size)} (over {MAX_RATIO}:1, while the release's files "
+                "compress about 10:1 at most); it is likely a zip bomb",
+            )
+    need, free = sum(info.file_size for info in files.values()), _free_bytes(root)
+    if need > free:
+        raise NoSpaceError(
+            f"{archive}: extracting it needs {_size(need)}, {_size(free)} free at {root}. The "
+            "verified archive is kept; free space there and rerun `cola download`."
+        )
+
+
+def _examples(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _corrupt(archive: Path, exc: BaseException) -> DownloadError:
+    return DownloadError(
+        f"{archive}: extraction failed ({exc}); the archive is truncated or corrupt. Delete it "
+        "and rerun `cola download`."
+    )
+
+
+def _read_sums(
+    zf: zipfile.ZipFile, files: dict[str, zipfile.ZipInfo], archive: Path
+) -> dict[str, str]:
+    """The archive's own `checksums` ({path under the top folder: sha1}), read from the zip so
+    that a bad listing is refused before anything is written."""
+    if "checksums" not in files:
+        raise ListingError(
+            f"{archive}: no `checksums` file inside, so it cannot be verified. Delete the archive "
+            "and download it again."
+        )
+    sums: dict[str, str] = {}
+    with zf.open(files["checksums"]) as raw:
+        for lineno, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8"), 1):
+            if not line.strip():
+                continue
+            sha1, sep, name = line.rstrip("\n").partition("  ")
+            if not sep or len(sha1) != 40:
+                raise ListingError(
+                    f"{archive}: checksums line {lineno} is not a `sha1  path` line: {line!r}. "
+                    "Delete the archive and download it again."
+                )
+            sums[PurePosixPath(name.strip()).as_posix()] = sha1.lower()
+    return sums
+
+
+def _check_listing(files: dict[str, zipfile.ZipInfo], sums: dict[str, str], archive: Path) -> None:
+    """Every file extracted is one the checksums vouch for, and every one they list is there."""
+    unlisted = sorted(set(files) - set(sums) - UNLISTED)
+    absent = sorted(set(sums) - set(files))
+    problems = [] if sums else ["its checksums file lists no files"]
+    if absent:
+        problems.append(f"{len(absent)} listed file(s) are absent from it ({_examples(absent)})")
+    if unlisted:
+        problems.append(
+            f"{len(unlisted)} member(s) are not in its checksums ({_examples(unlisted)})"
+        )
+    if problems:
+        raise ListingError(
+            f"{archive}: {'; '.join(problems)}. Its checksums file must list every member; the "
+            "archive is incomplete or not the official release (nothing was written). Delete the "
+            "archive and download it again."
+        )
+
+
+def _write_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path) -> str:
+    """Copy one member out, hashing as it goes, so no file is read twice; return its SHA1."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sha1 = hashlib.sha1()
+    with zf.open(info) as src, open(target, "wb") as dst:
+        while chunk := src.read(CHUNK):
+            sha1.update(chunk)
+            dst.write(chunk)
+    return sha1.hexdigest()
+
+
+def _write_error(exc: Exception, archive: Path, staging: Path) -> DownloadError:
+    """Name the real cause: a full disk or a locked folder is no reason to delete the archive."""
+    errno_ = getattr(exc, "errno", None)
+    if errno_ in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpaceError(
+            f"{archive}: no space left on device while extracting to {staging}. The verified "
+            "archive is kept; free space there and rerun `cola download`."
+        )
+    if errno_ in (errno.EACCES, errno.EPERM):
+        return DownloadError(
+            f"{archive}: permission denied writing {getattr(exc, 'filename', None) or staging}. "
+            "The verified archive is kept; make that folder writable and rerun `cola download`."
+        )
+    if isinstance(exc, OSError) and exc.filename:  # a local file operation, not the zip's data
+        return DownloadError(
+            f"{archive}: could not write {exc.filename} ({exc.strerror}). The verified archive is "
+            "kept; fix that and rerun `cola download`."
+        )
+    return _corrupt(archive, exc)
+
+
+def _extract_verified(
+    zf: zipfile.ZipFile,
+    files: dict[str, zipfile.ZipInfo],
+    sums: dict[str, str],
+    archive: Path,
+    staging: Path,
+) -> None:
+    """Write every member under `staging`, each checked against `sums` as it streams out."""
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        got = {rel: _write_member(zf, info, staging / rel) for rel, info in files.items()}
+    except (zipfile.BadZipFile, EOFError, OSError, zipfile.LargeZipFile) as exc:
+        raise _write_error(exc, archive, staging) from exc
+    bad = [f"{rel} (SHA1 mismatch)" for rel, want in sorted(sums.items()) if got[rel] != want]
+    if bad:
+        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise ChecksumError(
+            f"{archive}: {len(bad)} file(s) fail the archive's checksums: {shown}. Delete the "
+            "archive and download it again."
+        )
 
 
 def extract(archive: Path, root: Path) -> Path:
     """Extract `archive` (its one top folder is its name: fma_small.zip → fma_small/) under
-    `root`, verified, atomically."""
+    `root`, verified, atomically: its staging folder goes on any failure, Ctrl-C included."""
     archive, root = Path(archive), Path(root)
-    expected = archive.name.removesuffix(".zip")
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -148,61 +375,23 @@ def extract(archive: Path, root: Path) -> Path:
             "and rerun `cola download`."
         ) from exc
     with zf:
-        members = [m for m in zf.infolist() if not m.is_dir()]
-        paths = [_safe_member(m.filename, archive) for m in members]
-        tops = {p.parts[0] for p in paths}
-        if len(tops) != 1:
-            raise DownloadError(f"{archive}: expected one top-level folder, found {sorted(tops)}")
-        top = tops.pop()
-        if top != expected:
-            raise UnsafeArchiveError(
-                f"{archive}: its files sit under {top}/, not {expected}/ as the archive name "
-                "promises; refusing it (nothing was removed). Delete it and download it again."
-            )
-        staging = root / f".{top}.extracting"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        top, files = _members(zf, archive)
+        _check_sizes(files, archive, root)
         try:
-            for member, rel in zip(members, paths, strict=True):
-                target = staging.joinpath(*rel.parts[1:])
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(member) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst, CHUNK)
-        except (zipfile.BadZipFile, EOFError, OSError, zipfile.LargeZipFile) as exc:
+            sums = _read_sums(zf, files, archive)
+        except (zipfile.BadZipFile, EOFError, OSError, UnicodeDecodeError) as exc:
+            raise _corrupt(archive, exc) from exc
+        _check_listing(files, sums, archive)
+        staging, final = root / f".{top}.extracting", root / top
+        try:
+            _extract_verified(zf, files, sums, archive, staging)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+        except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
-            raise DownloadError(
-                f"{archive}: extraction failed ({exc}); the archive is truncated or corrupt. "
-                "Delete it and rerun `cola download`."
-            ) from exc
-    verify_folder(staging, label=f"{archive}")
-    final = root / top
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
+            raise
     return final
-
-
-def verify_folder(folder: Path, label: str | None = None) -> int:
-    """Check every file listed in `folder/checksums`; return how many were checked."""
-    sums_path = folder / "checksums"
-    label = label or str(folder)
-    if not sums_path.is_file():
-        raise DownloadError(f"{label}: no `checksums` file inside; cannot verify the extraction")
-    sums = fma.read_checksums(sums_path)
-    bad = []
-    for rel, expected in sorted(sums.items()):
-        path = folder / rel
-        if not path.is_file():
-            bad.append(f"{rel} (missing)")
-        elif digest.file_digest(path, "sha1") != expected:
-            bad.append(f"{rel} (SHA1 mismatch)")
-    if bad:
-        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-        raise ChecksumError(
-            f"{label}: {len(bad)} file(s) fail the archive's checksums: {shown}. Delete the "
-            "archive and download it again."
-        )
-    return len(sums)
 
 
 def archive_names(data: dict[str, Any]) -> list[str]:
