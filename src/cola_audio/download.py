@@ -19,7 +19,6 @@ only when all match; on any failure the staging folder is removed.
 from __future__ import annotations
 
 import errno
-import hashlib
 import http.client
 import io
 import logging
@@ -311,12 +310,8 @@ def _check_listing(files: dict[str, zipfile.ZipInfo], sums: dict[str, str], arch
 def _write_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path) -> str:
     """Copy one member out, hashing as it goes, so no file is read twice; return its SHA1."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    sha1 = hashlib.sha1()
     with zf.open(info) as src, open(target, "wb") as dst:
-        while chunk := src.read(CHUNK):
-            sha1.update(chunk)
-            dst.write(chunk)
-    return sha1.hexdigest()
+        return digest.copy_digest(src, dst, "sha1")
 
 
 def _write_error(exc: Exception, archive: Path, staging: Path) -> DownloadError:
