@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
+import tracemalloc
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 import torch
 
-from cola_audio import cli, hear
+from cola_audio import cli, embed, hear
 from cola_audio.embed import Embedder
+from cola_audio.errors import BadInput, InputError, MissingInput
 from cola_audio.frontend import FrontEnd
 from cola_audio.models.batchnorm import recompute_batchnorm
 from cola_audio.models.encoder import Encoder, save_encoder
@@ -119,3 +123,261 @@ def test_cola_embed_writes_parquet_and_reports_an_unreadable_file(encoder_file, 
     a = windows[windows["path"].str.endswith("/a.wav")]
     assert list(a["window"]) == [0, 1, 2] and list(a["start_s"]) == [0.0, 0.98, 1.96]
     assert np.allclose(np.stack(a["embedding"]).mean(0), by_name["a.wav"].mean, atol=1e-6)
+
+
+class CountingEncoder(torch.nn.Module):
+    """A stand-in encoder cheap enough for hours of windows: each window's per-frame mean over
+    the mels, zero-padded to 1280, so a window cut in the wrong place changes the output. It
+    records every batch's size and, while tracemalloc traces, the memory held at the call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # Embedder.device reads a parameter
+        self.batches: list[int] = []
+        self.held: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(len(x))
+        if tracemalloc.is_tracing():
+            self.held.append(tracemalloc.get_traced_memory()[0])
+        return torch.nn.functional.pad(x.mean(dim=2), (0, 1280 - x.shape[1]))
+
+
+@pytest.fixture
+def counting(monkeypatch) -> CountingEncoder:
+    """`cola embed` on the counting encoder (Embedder.load returns it, whatever the file)."""
+    fake = CountingEncoder()
+    embedder = Embedder(fake, FrontEnd(), CROP, "0" * 32)
+    monkeypatch.setattr(Embedder, "load", lambda *args, **kwargs: embedder)
+    return fake
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("cola embed: error:")]
+
+
+@pytest.mark.parametrize("api", ["timestamp", "scene"])
+@pytest.mark.parametrize(
+    ("bad", "value"), [([1], float("nan")), ([0, 2], float("inf")), ([2], float("-inf"))]
+)
+def test_hear_refuses_non_finite_audio_naming_the_sounds(model, api, bad, value):
+    audio = torch.from_numpy(np.stack([tone(0.5, 300.0 * (k + 1)) for k in range(3)]))
+    for k in bad:
+        audio[k, 1234] = value
+    embed_fn = hear.get_scene_embeddings if api == "scene" else hear.get_timestamp_embeddings
+    with pytest.raises(ValueError, match="NaN or infinite") as caught:
+        embed_fn(audio, model)
+    assert f"indices {', '.join(map(str, bad))})" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("audio", "error", "words"),
+    [
+        (torch.zeros(2, 8000, dtype=torch.int16), ValueError, "float samples"),
+        (torch.zeros(2, 8000, dtype=torch.bool), ValueError, "float samples"),
+        (np.zeros((2, 8000), np.float32), TypeError, "torch.Tensor"),
+    ],
+)
+def test_hear_refuses_audio_of_the_wrong_type(model, audio, error, words):
+    with pytest.raises(error, match=words):
+        hear.get_timestamp_embeddings(audio, model)
+
+
+@pytest.mark.parametrize(
+    ("n_sounds", "seconds", "batch_size"), [(1, 120.0, 16), (2, 30.0, 7), (3, 2.0, 5)]
+)
+def test_hear_embeds_a_long_sound_one_batch_of_windows_at_a_time(
+    model, n_sounds, seconds, batch_size
+):
+    """120 s at a 50 ms hop is 2,400 windows (60 MB stacked): the encoder must never get more
+    than a batch, nor the windows all be held at once; batching must not change the result."""
+    fake = CountingEncoder()
+    counting_model = hear.HearModel(dataclasses.replace(model.embedder, encoder=fake))
+    audio = torch.from_numpy(np.stack([tone(seconds, 200.0 * (k + 1)) for k in range(n_sounds)]))
+    n_windows = n_sounds * -(-FrontEnd().n_frames(audio.shape[1]) // HOP)
+    counting_model.batch_size = batch_size
+    hear.get_timestamp_embeddings(audio[:, : SR // 10], counting_model)  # imports, caches
+    fake.batches.clear()
+    tracemalloc.start()
+    try:
+        batched, _ = hear.get_timestamp_embeddings(audio, counting_model)
+    finally:
+        tracemalloc.stop()
+    assert max(fake.batches) <= batch_size and sum(fake.batches) == n_windows
+    assert len(fake.batches) == -(-n_windows // batch_size)
+    stacked_bytes = n_windows * CROP * 64 * 4  # every window at once, as a float32 stack
+    assert max(fake.held) < stacked_bytes / 2, (max(fake.held), stacked_bytes)
+    fake.batches.clear()
+    counting_model.batch_size = n_windows
+    whole, _ = hear.get_timestamp_embeddings(audio, counting_model)
+    assert fake.batches == [n_windows]
+    assert torch.allclose(batched, whole, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [3, 17])
+def test_hear_in_batches_equals_the_unbatched_encoder(model, monkeypatch, batch_size):
+    """The real encoder, every window at once (cut here from the padded features) versus the API
+    in batches of `batch_size` that straddle the two sounds."""
+    audio = torch.from_numpy(np.stack([tone(0.5, 400.0), tone(0.5, 1500.0)]))
+    embedder, half = model.embedder, CROP // 2
+    starts = [k * HOP - half for k in range(-(-FrontEnd().n_frames(audio.shape[1]) // HOP))]
+    windows = []
+    for wave in audio.numpy():
+        features = FrontEnd().features(wave, SR)
+        padded = np.concatenate([embedder.silence(half), features, embedder.silence(CROP - half)])
+        windows += [padded[s + half : s + half + CROP] for s in starts]
+    with torch.no_grad():
+        whole = embedder.encoder(torch.from_numpy(np.stack(windows))).reshape(2, len(starts), -1)
+    monkeypatch.setattr(model, "batch_size", batch_size)
+    batched, _ = hear.get_timestamp_embeddings(audio, model)
+    # CPU kernels pick their summation order by batch shape: equal up to float32 rounding.
+    assert torch.allclose(batched, whole, rtol=0, atol=1e-5 * float(whole.abs().max()))
+
+
+@pytest.mark.parametrize("windows", [False, True])
+def test_cola_embed_writes_each_files_rows_as_soon_as_they_are_embedded(
+    counting, tmp_path, monkeypatch, windows
+):
+    """One Parquet row group per file, written before the next file is embedded (rows are
+    never collected for all files), and a 120 s file embedded at most 16 windows at a time."""
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    sf.write(audio / "a-long.wav", tone(120.0, 300.0), SR)
+    (audio / "b-broken.mp3").write_bytes(b"\x00" * 3000)
+    sf.write(audio / "c.flac", tone(3.0, 600.0, 22050), 22050)
+    sf.write(audio / "d-short.wav", tone(0.5, 900.0), SR)
+    events: list[tuple[str, ...]] = []
+    real_embed_file, real_write = embed.embed_file, pq.ParquetWriter.write_table
+
+    def spy_embed_file(embedder, path, *args):
+        events.append(("embed", path.name))
+        return real_embed_file(embedder, path, *args)
+
+    def spy_write(writer, table, *args, **kwargs):
+        events.append(("write", *sorted({p.rsplit("/", 1)[1] for p in table["path"].to_pylist()})))
+        return real_write(writer, table, *args, **kwargs)
+
+    monkeypatch.setattr(embed, "embed_file", spy_embed_file)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", spy_write)
+    out = tmp_path / "emb.parquet"
+    argv = ["embed", str(audio), "--out", str(out), "--batch-size", "16"]
+    assert cli.main([*argv, "--windows"] if windows else argv) == 0
+    assert events == [
+        ("embed", "a-long.wav"),
+        ("write", "a-long.wav"),
+        ("embed", "b-broken.mp3"),
+        ("embed", "c.flac"),
+        ("write", "c.flac"),
+        ("embed", "d-short.wav"),
+        ("write", "d-short.wav"),
+    ]
+    assert max(counting.batches) == 16  # 122 windows of the long file in batches of 16
+    assert sum(counting.batches) == 122 + 3 + 1
+    assert pq.ParquetFile(out).metadata.num_row_groups == 3
+    table = pd.read_parquet(out)
+    per_window = ["window", "start_s", "embedding"] if windows else ["n_windows", "mean", "max"]
+    assert (
+        list(table.columns) == ["path", "sha1", "encoder_md5", "duration_s", "padded"] + per_window
+    )
+    assert len(table) == (122 + 3 + 1 if windows else 3)
+    assert not list(tmp_path.glob(".emb.parquet.*"))  # no temporary file left behind
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        InputError("implausible header: sample rate 1 Hz"),
+        BadInput("truncated stream: decoded 10 of 1000 frames"),
+        MissingInput("gone since it was listed"),
+        PermissionError(13, "Permission denied"),
+    ],
+    ids=["InputError", "BadInput", "MissingInput", "PermissionError"],
+)
+def test_cola_embed_skips_a_file_whatever_input_or_os_error_it_raises(
+    counting, tmp_path, monkeypatch, exc
+):
+    """Decoding goes through featurize.check_audio; any InputError or OSError it (or reading the
+    file) raises skips that one file, with its reason, and the others are embedded."""
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for name in ("a.wav", "bad.wav", "c.wav"):
+        sf.write(audio / name, tone(1.5, 500.0), SR)
+    checked: list[str] = []
+    real_check = embed.check_audio
+
+    def check_audio(path, checks):
+        checked.append(path.name)
+        if path.name == "bad.wav":
+            raise exc
+        return real_check(path, checks)
+
+    monkeypatch.setattr(embed, "check_audio", check_audio)
+    out = tmp_path / "emb.parquet"
+    assert cli.main(["embed", str(audio), "--out", str(out)]) == 0
+    assert checked == ["a.wav", "bad.wav", "c.wav"]
+    assert [p.rsplit("/", 1)[1] for p in pd.read_parquet(out)["path"]] == ["a.wav", "c.wav"]
+    skipped = pd.read_csv(tmp_path / "emb.parquet.skipped.csv")
+    assert list(skipped["path"].str.rsplit("/", n=1).str[1]) == ["bad.wav"]
+    assert str(exc) in skipped["reason"][0]
+
+
+@pytest.mark.parametrize("contents", [[], ["notes.txt", "sub/data.csv"], ["sub/deeper/"]])
+def test_cola_embed_on_a_folder_without_audio_is_a_one_line_error(
+    counting, tmp_path, capsys, contents
+):
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    for name in contents:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        if not name.endswith("/"):
+            (folder / name).write_text("not audio")
+    out = tmp_path / "emb.parquet"
+    assert cli.main(["embed", str(folder), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    [line] = error_lines(err)
+    assert "Traceback" not in err
+    assert str(folder) in line and ".wav" in line and ".flac" in line and "recursively" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audio"]  # nothing written
+    assert not counting.batches
+
+
+@pytest.mark.parametrize("windows", [False, True])
+@pytest.mark.parametrize(
+    "files", [{"broken.mp3": b"\x00" * 3000}, {"empty.wav": b"", "noise.flac": b"fLaC junk"}]
+)
+def test_cola_embed_when_every_file_is_skipped_is_a_one_line_error(
+    counting, tmp_path, capsys, files, windows
+):
+    """No Parquet file (not even an empty one) under the final name or a temporary one; the
+    skipped CSV is written and the error points to it."""
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    out = tmp_path / "emb.parquet"
+    argv = ["embed", str(folder), "--out", str(out)]
+    assert cli.main([*argv, "--windows"] if windows else argv) == 1
+    err = capsys.readouterr().err
+    [line] = error_lines(err)
+    assert "Traceback" not in err
+    skipped_csv = tmp_path / "emb.parquet.skipped.csv"
+    assert str(skipped_csv) in line and f"all {len(files)} audio file(s) were skipped" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audio", skipped_csv.name]
+    skipped = pd.read_csv(skipped_csv)
+    assert sorted(skipped["path"].str.rsplit("/", n=1).str[1]) == sorted(files)
+    assert skipped["reason"].str.len().min() > 0
+
+
+@pytest.mark.parametrize("batch_size", ["0", "-1", "-64"])
+def test_cola_embed_batch_size_below_one_is_an_argparse_error(
+    encoder_file, tmp_path, capsys, batch_size
+):
+    sf.write(tmp_path / "a.wav", tone(1.0), SR)
+    out = tmp_path / "emb.parquet"
+    argv = ["embed", str(tmp_path / "a.wav"), "--encoder", str(encoder_file), "--out", str(out)]
+    with pytest.raises(SystemExit) as caught:
+        cli.main([*argv, "--batch-size", batch_size])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and not out.exists()
+    assert f"error: argument --batch-size: {batch_size} is not a positive whole number" in err

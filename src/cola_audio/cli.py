@@ -76,6 +76,18 @@ def _embed(args: argparse.Namespace, params: dict) -> None:
     embed.run(args.paths, args.out, args.encoder, args.windows, args.batch_size, args.device)
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a count that must be at least 1 (0 or less fails in argparse, with the
+    usage, instead of as a traceback deep in the stage)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive whole number (use 1 or more)")
+    return value
+
+
 def _sync_dvc(args: argparse.Namespace, params: dict) -> None:
     from cola_audio import sync
 
@@ -183,7 +195,9 @@ def _add_tools(sub: Any) -> None:
     p.add_argument("--out", type=Path, default=Path("embeddings.parquet"))
     p.add_argument("--encoder", type=Path, default=Path("models/pretrain/encoder.safetensors"))
     p.add_argument("--windows", action="store_true", help="one row per 1 s window, not per clip")
-    p.add_argument("--batch-size", type=int, default=64, help="windows per forward pass")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=64, help="windows per forward pass (≥ 1)"
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: a GPU when present)")
     p.set_defaults(func=_embed, needs_params=False)
 
