@@ -5,15 +5,21 @@ A class-per-folder tree (Speech Commands, GTZAN, most private sets), or a labels
 file's SHA1 (so DVC, featurization and the report trace each clip), its label, its group and its
 split. The split is the CSV's when it has one; otherwise it is drawn once, stratified by class and
 grouped by `group_pattern` (e.g. a speaker id in the file name), so a group never spans two
-splits. The embedded demo (`demo: true`) writes a small generated set of sound classes first, so
+splits. Identical bytes never cross a split: copies under two labels, or in two of the CSV's
+splits, are refused, and copies within one class join one group. Only regular files count as audio;
+folders are walked through symlinks, each real folder once, so a link loop is skipped with a
+warning. The embedded demo (`demo: true`) writes a small generated set of sound classes first, so
 the folder source runs offline.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -22,36 +28,147 @@ import soundfile as sf
 from cola_audio import digest, fsutil
 from cola_audio.errors import BadInput, MissingInput
 
+log = logging.getLogger(__name__)
+
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au")
 SPLITS = ("train", "val", "test")
 INDEX = "folder_index.csv"
 DEMO_DIR = "folder-demo"  # under data/raw, so the demo is part of download's output
+SHOWN = 5  # paths named in one message; the rest are counted
+
+
+def shown(items: Sequence[str], limit: int = SHOWN) -> str:
+    """The first `limit` items and how many more: a message stays one readable line."""
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+class Walk(NamedTuple):
+    """What `walk` found under a folder."""
+
+    files: list[Path]  # regular files (through symlinks that resolve), sorted
+    skipped: list[Path]  # links not followed: loops, second paths to a folder, broken links
+    unreadable: list[tuple[Path, str]]  # folders that could not be listed, with the reason
+
+
+def walk(root: Path) -> Walk:
+    """Every regular file under `root`, through symlinks: `rglob` left linked folders out and
+    yielded folders and looping or broken links named like audio, which failed only when hashed.
+    Each real folder is entered once and none above `root`, so a link loop ends; real subfolders
+    go before linked ones, so a folder reachable both ways keeps its own path."""
+    top = Path(os.path.realpath(root))
+    seen: set[Path] = set()
+    files: list[Path] = []
+    skipped: list[Path] = []
+    unreadable: list[tuple[Path, str]] = []
+    real_dirs, linked_dirs = [Path(root)], []
+    while real_dirs or linked_dirs:
+        here = real_dirs.pop() if real_dirs else linked_dirs.pop(0)
+        real = Path(os.path.realpath(here))
+        if real in seen or real in top.parents:  # walked already, or a loop back up the tree
+            skipped.append(here)
+            continue
+        seen.add(real)
+        try:
+            with os.scandir(here) as listed:
+                entries = sorted(listed, key=lambda e: e.name)
+        except OSError as exc:
+            unreadable.append((here, exc.strerror or type(exc).__name__))
+            continue
+        for entry in entries:
+            path = here / entry.name
+            try:  # both follow links; a loop such as `a -> a` raises ELOOP
+                is_dir, is_file = entry.is_dir(), entry.is_file()
+            except OSError:
+                is_dir = is_file = False
+            if is_dir:
+                (linked_dirs if entry.is_symlink() else real_dirs).append(path)
+            elif is_file:
+                files.append(path)
+            elif entry.is_symlink():  # dangling or looping: nothing to read
+                skipped.append(path)
+    return Walk(sorted(files), sorted(skipped), unreadable)
 
 
 def audio_under(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+    """The regular files under `root` named like audio; skipped links are logged, and a folder
+    that cannot be listed is refused (its audio would silently be missing)."""
+    found = walk(root)
+    if found.unreadable:
+        folders = [f"{p} ({why})" for p, why in found.unreadable]
+        raise BadInput(
+            f"{len(folders)} folder(s) under {root} cannot be listed: {shown(folders)}; "
+            "fix their permissions (e.g. chmod a+rx) or remove them, then rerun"
+        )
+    if found.skipped:
+        log.warning(
+            "%s: skipped %d symlinked path(s) that loop, repeat a folder already walked or lead "
+            "nowhere: %s",
+            root,
+            len(found.skipped),
+            shown([p.as_posix() for p in found.skipped]),
+        )
+    return [p for p in found.files if p.suffix.lower() in AUDIO_SUFFIXES]
+
+
+def group_regex(pattern: str | None) -> re.Pattern[str] | None:
+    """`data.folder.group_pattern` compiled; params validation refuses a bad one before any job,
+    this guards direct calls."""
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise BadInput(
+            f"data.folder.group_pattern {pattern!r} is not a valid regular expression ({exc}); "
+            "fix it or set it to null"
+        ) from None
 
 
 def labelled_files(cfg: dict[str, Any], root: Path) -> pd.DataFrame:
     """path, label, split ('' when not given), group: from the labels CSV or the subfolders."""
+    regex = group_regex(cfg["group_pattern"])
     if cfg["labels_csv"]:
         table = _from_labels_csv(Path(cfg["labels_csv"]), root)
     else:
         table = _from_class_folders(root)
+    classes = sorted(set(table["label"]))
+    if len(classes) < 2:
+        source = cfg["labels_csv"] or root
+        fix = (
+            f"label files of another class in {source}"
+            if cfg["labels_csv"]
+            else "add a subfolder per class (data.folder.path must hold the class subfolders)"
+        )
+        raise BadInput(
+            f"{source}: a classifier needs at least 2 classes, found {len(classes)}: "
+            f"{', '.join(classes) or 'none'}; {fix}"
+        )
     if "split" not in table:
         table["split"] = ""
     if "group" not in table:
         table["group"] = ""
     blank = table["group"] == ""  # the CSV's groups stand; the others come from the file name
     table.loc[blank, "group"] = [group_of(p, cfg["group_pattern"]) for p in table["path"][blank]]
-    if cfg["group_pattern"] and blank.any():
-        matched = sum(
-            bool(re.search(cfg["group_pattern"], Path(p).name)) for p in table["path"][blank]
-        )
-        if matched == 0:
+    if regex and blank.any():
+        names = sorted(Path(p).name for p in table["path"][blank])
+        missed = [n for n in names if not regex.search(n)]
+        if len(missed) == len(names):
             raise BadInput(
                 f"data.folder.group_pattern {cfg['group_pattern']!r} matches no file name under "
                 f"{root} (e.g. {Path(table['path'].iloc[0]).name}); fix it or set it to null"
+            )
+        if missed:
+            log.warning(
+                "data.folder.group_pattern %r matches %d of %d file names under %s (not e.g. "
+                "%s): each of the other %d files is its own group, so a speaker among them may "
+                "span splits; widen the pattern if they share one",
+                cfg["group_pattern"],
+                len(names) - len(missed),
+                len(names),
+                root,
+                ", ".join(missed[:2]),
+                len(missed),
             )
     return table[["path", "label", "split", "group"]].sort_values("path", ignore_index=True)
 
@@ -70,9 +187,7 @@ def _from_labels_csv(csv: Path, root: Path) -> pd.DataFrame:
     table["path"] = [(root / p).as_posix() for p in table["path"]]
     absent = [p for p in table["path"] if not Path(p).is_file()]
     if absent:
-        more = f" and {len(absent) - 5} more" if len(absent) > 5 else ""
-        shown = ", ".join(absent[:5]) + more
-        raise BadInput(f"{csv}: {len(absent)} listed file(s) do not exist: {shown}")
+        raise BadInput(f"{csv}: {len(absent)} listed file(s) do not exist: {shown(absent)}")
     bad = sorted(set(table.get("split", pd.Series([], dtype=str))) - {"", *SPLITS})
     if bad:
         raise BadInput(f"{csv}: unknown split values {bad}; use train, val or test")
@@ -103,9 +218,80 @@ def _from_class_folders(root: Path) -> pd.DataFrame:
 def group_of(path: str, pattern: str | None) -> str:
     """The first capture group of `pattern` in the file name, or the file itself."""
     name = Path(path).name
-    if pattern and (match := re.search(pattern, name)):
+    regex = group_regex(pattern)
+    if regex and (match := regex.search(name)):
         return match.group(1) if match.groups() else match.group(0)
     return path
+
+
+def sha1s(paths: Iterable[str], where: str) -> list[str]:
+    """Each file's SHA1; unreadable files are refused together, in one line, rather than by a
+    traceback at the first."""
+    found, denied = [], []
+    for path in paths:
+        try:
+            found.append(digest.file_digest(path, "sha1"))
+        except PermissionError:
+            denied.append(path)
+    if denied:
+        raise BadInput(
+            f"{where}: {len(denied)} file(s) cannot be read (permission denied): "
+            f"{shown(denied, 3)}; make them readable (e.g. chmod a+r) or move them out of the "
+            "folder, then rerun"
+        )
+    return found
+
+
+def copies(table: pd.DataFrame) -> list[pd.DataFrame]:
+    """The rows of each SHA1 held by more than one file, in path order."""
+    twice = table[table["sha1"].duplicated(keep=False)].sort_values("path")
+    return [rows for _, rows in twice.groupby("sha1", sort=False)]
+
+
+def check_copies(table: pd.DataFrame, where: str) -> list[pd.DataFrame]:
+    """Identical bytes under two labels (one clip, two classes) or in two given splits (a test
+    clip that is also a training clip) are refused, naming the files; the sets of copies left,
+    all within one class, are returned."""
+
+    def named(sets: list[pd.DataFrame], column: str) -> str:
+        described = [
+            " = ".join(f"{row.path} ({getattr(row, column)})" for row in rows.itertuples())
+            for rows in sets
+        ]
+        return shown(described, 3)
+
+    sets = copies(table)
+    if conflicts := [rows for rows in sets if rows["label"].nunique() > 1]:
+        raise BadInput(
+            f"{where}: {len(conflicts)} audio content(s) under different labels, byte for byte: "
+            f"{named(conflicts, 'label')}; a clip has one class: remove the wrong copies or fix "
+            "their labels"
+        )
+    if crossing := [rows for rows in sets if rows["split"].nunique() > 1]:
+        raise BadInput(
+            f"{where}: {len(crossing)} audio content(s) in two splits, byte for byte: "
+            f"{named(crossing, 'split')}; a val/test clip must not be a training clip: give "
+            "the copies one split or remove them"
+        )
+    return sets
+
+
+def merge_groups(groups: Sequence[str], hashes: Sequence[str]) -> list[str]:
+    """Each row's group, joined with every group that holds the same bytes (a union-find over
+    group ids), so identical clips land in one split; a joined group takes its smallest id."""
+    parent = {g: g for g in groups}
+
+    def root(g: str) -> str:
+        while parent[g] != g:
+            parent[g] = parent[parent[g]]
+            g = parent[g]
+        return g
+
+    first: dict[str, str] = {}
+    for group, sha1 in zip(groups, hashes, strict=True):
+        a, b = root(first.setdefault(sha1, group)), root(group)
+        parent[max(a, b)] = min(a, b)
+    return [root(g) for g in groups]
 
 
 def assign_splits(table: pd.DataFrame, cfg: dict[str, Any]) -> pd.Series:
@@ -140,22 +326,34 @@ def check_splits(table: pd.DataFrame, where: str) -> None:
         )
     spanning = table.groupby("group")["split"].nunique()
     if (spanning > 1).any():
-        shown = ", ".join(spanning[spanning > 1].index[:5])
-        raise BadInput(f"{where}: group(s) {shown} span two splits; fix their split column")
+        names = ", ".join(spanning[spanning > 1].index[:5])
+        raise BadInput(f"{where}: group(s) {names} span two splits; fix their split column")
 
 
 def index(cfg: dict[str, Any], raw_dir: Path) -> pd.DataFrame:
-    """Write raw_dir/folder_index.csv: every file with label, split, group, SHA1 and size."""
+    """Write raw_dir/folder_index.csv: every file with label, split, group, SHA1 and size.
+    SHA1s come before the split, so identical bytes are kept on one side of it."""
     root = Path(raw_dir) / DEMO_DIR if cfg["demo"] else Path(cfg["path"])
     if cfg["demo"]:
         write_demo(root)
+    where = cfg["labels_csv"] or str(root)
     table = labelled_files(cfg, root)
-    if (table["split"] == "").any():
-        if (table["split"] != "").any():
-            raise BadInput(f"{cfg['labels_csv']}: give a split for every row or for none")
+    given = table["split"] != ""
+    if given.any() and not given.all():
+        raise BadInput(f"{cfg['labels_csv']}: give a split for every row or for none")
+    table["sha1"] = sha1s(table["path"], where)
+    if sets := check_copies(table, where):
+        log.warning(
+            "%s: %d file(s) repeat the bytes of another file of their class (e.g. %s): each "
+            "set of copies is kept in one group, so it never straddles two splits",
+            where,
+            sum(len(rows) - 1 for rows in sets),
+            " = ".join(sets[0]["path"].iloc[:2]),
+        )
+        table["group"] = merge_groups(list(table["group"]), list(table["sha1"]))
+    if not given.any():
         table["split"] = assign_splits(table, cfg)
-    check_splits(table, cfg["labels_csv"] or str(root))
-    table["sha1"] = [digest.file_digest(p, "sha1") for p in table["path"]]
+    check_splits(table, where)
     if cfg["unlabelled_path"]:
         table = pd.concat(
             [table, unlabelled(Path(cfg["unlabelled_path"]), table)], ignore_index=True
@@ -173,7 +371,7 @@ def unlabelled(folder: Path, labelled: pd.DataFrame) -> pd.DataFrame:
         raise MissingInput(f"{folder}: data.folder.unlabelled_path is not a folder")
     paths = [p.as_posix() for p in audio_under(folder)]
     rows = pd.DataFrame({"path": paths, "label": "", "split": "unlabelled", "group": paths})
-    rows["sha1"] = [digest.file_digest(p, "sha1") for p in rows["path"]]
+    rows["sha1"] = sha1s(rows["path"], str(folder))
     known = rows["path"].isin(labelled["path"]) | rows["sha1"].isin(labelled["sha1"])
     return rows[~known]
 
@@ -182,7 +380,8 @@ def listing(cfg: dict[str, Any]) -> str:
     """SHA1 of every file's path, size and modification time under the folder (and the labels
     CSV, and the unlabelled folder): cheap to take at each Snakemake start, and it changes when
     audio is added, removed or rewritten, so the index is rebuilt (the files live outside the
-    repository, where no tool watches them by itself)."""
+    repository, where no tool watches them by itself). Walked as `index` walks, links included;
+    what it cannot read, `index` refuses."""
     if cfg["demo"]:
         return "demo"
     paths = [
@@ -191,7 +390,7 @@ def listing(cfg: dict[str, Any]) -> str:
     ]
     rows = []
     for root in paths:
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        files = [root] if root.is_file() else walk(root).files
         for path in files:
             st = path.stat()
             rows.append([path.as_posix(), st.st_size, st.st_mtime_ns])

@@ -8,6 +8,7 @@ allowed.
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,13 @@ def _data_and_run_problems(params: dict[str, Any]) -> list[str]:
             f"data.pretrain_subset = {data['pretrain_subset']!r} is smaller than finetune_subset "
             f"{data['finetune_subset']!r}; pretraining needs the larger subset"
         )
+    if (pattern := data["folder"]["group_pattern"]) is not None:
+        try:  # the schema takes any string; re.error would otherwise stop `cola download` late
+            re.compile(pattern)
+        except re.error as exc:
+            problems.append(
+                f"data.folder.group_pattern = {pattern!r} is not a valid regular expression ({exc})"
+            )
     ft = params["finetune"]
     if ft["val_every_n_epochs"] > ft["max_epochs"]:
         problems.append(
