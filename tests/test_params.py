@@ -1,8 +1,12 @@
 import copy
+import errno
+import os
+import re
 from pathlib import Path
 
 import pytest
 import yaml
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from cola_audio import cli, params
 from conftest import REPO
@@ -70,6 +74,26 @@ def test_params_that_make_no_sense_are_refused(default_params, edit, expected):
     edit(bad)
     with pytest.raises(params.ParamsError, match=expected):
         params.validate(bad)
+
+
+@pytest.mark.parametrize("pattern", ["([a-z", "(?P<spk", "a{2,1}", "*_nohash", "(?<=a+)_"])
+def test_an_invalid_group_pattern_is_refused_before_any_job(default_params, pattern):
+    """It passed the schema (any string) and raised re.error mid-`cola download`."""
+    bad = copy.deepcopy(default_params)
+    bad["data"]["folder"]["group_pattern"] = pattern
+    with pytest.raises(params.ParamsError) as info:
+        params.validate(bad)
+    with pytest.raises(re.error) as reason:
+        re.compile(pattern)
+    expected = f"data.folder.group_pattern = {pattern!r} is not a valid regular expression"
+    assert f"{expected} ({reason.value})" in str(info.value)
+
+
+@pytest.mark.parametrize("pattern", [r"^([0-9a-f]+)_nohash_", r"spk\d+", None])
+def test_a_valid_group_pattern_passes(default_params, pattern):
+    good = copy.deepcopy(default_params)
+    good["data"]["folder"]["group_pattern"] = pattern
+    assert params.validate(good) is good
 
 
 @pytest.mark.parametrize(
@@ -153,6 +177,68 @@ def test_cli_gives_bad_input_one_line_but_a_bug_its_traceback(tmp_path: Path, ca
     )
     monkeypatch.setattr(finetune, "run", bug)
     with pytest.raises(ValueError, match="a bug deep inside"):
+        cli.main(argv)
+
+
+@pytest.mark.parametrize(
+    ("code", "said"),
+    [
+        (errno.ENOSPC, "no space left on device"),
+        (errno.EDQUOT, "disk quota exceeded"),
+        (errno.EACCES, "permission denied"),
+        (errno.EROFS, "read-only file system"),
+    ],
+)
+@pytest.mark.parametrize("stage", ["prepare", "finetune", "report"])
+def test_an_environment_failure_in_any_stage_is_one_line_naming_the_path(
+    tmp_path, capsys, monkeypatch, stage, code, said
+):
+    """A full disk or a locked folder is the machine, not a bug: one line with the path and
+    the fix, exit 1 (it was a traceback from whichever write met it)."""
+    from cola_audio import finetune, prepare, report
+
+    where = str(tmp_path / "out" / "metrics.json")
+
+    def full(*args, **kwargs):
+        raise OSError(code, os.strerror(code), where)
+
+    module = {"prepare": prepare, "finetune": finetune, "report": report}[stage]
+    monkeypatch.setattr(module, "run", full)
+    argv = {
+        "prepare": ["prepare", "--out", str(tmp_path / "meta")],
+        "finetune": ["finetune", "--mode", "finetune", "--run", "scratch-finetune", "--seed", "0"],
+        "report": ["report", "--out", str(tmp_path / "reports")],
+    }[stage]
+    assert cli.main(["--params", str(REPO / "params.yaml"), *argv]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"cola {stage}: error: {said}: {where}; ") and "\n" not in err
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt(), SIGTERMException()], ids=["int", "term"])
+def test_an_interrupted_stage_says_so_in_one_line_and_fails(tmp_path, capsys, monkeypatch, raised):
+    """Lightning ends a fit on SIGTERM by raising SIGTERMException, a SystemExit without a code:
+    the stage exited 0 without its outputs."""
+    from cola_audio import prepare
+
+    def interrupted(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(prepare, "run", interrupted)
+    argv = ["--params", str(REPO / "params.yaml"), "prepare", "--out", str(tmp_path / "m")]
+    assert cli.main(argv) == 130
+    assert capsys.readouterr().err.strip().startswith("cola prepare: interrupted;")
+
+
+def test_a_missing_file_inside_the_code_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only the machine's errors become one line; any other OSError is a bug to read in full."""
+    from cola_audio import prepare
+
+    def bug(*args, **kwargs):
+        raise FileNotFoundError(errno.ENOENT, "No such file", "/nonexistent/bug")
+
+    monkeypatch.setattr(prepare, "run", bug)
+    argv = ["--params", str(REPO / "params.yaml"), "prepare", "--out", str(tmp_path / "m")]
+    with pytest.raises(FileNotFoundError):
         cli.main(argv)
 
 

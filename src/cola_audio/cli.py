@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cola_audio import params as params_mod
-from cola_audio.errors import BadInput, InputError
+from cola_audio.errors import BadInput, InputError, environment_problem
 
 log = logging.getLogger("cola_audio")
 
@@ -242,6 +242,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except subprocess.CalledProcessError as exc:  # dvc or snakemake, which printed their reason
         print(f"cola {args.stage}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # no space, no permission: the machine, named with the path
+        if (problem := environment_problem(exc)) is None:
+            raise
+        print(f"cola {args.stage}: error: {problem}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C; Lightning's exit on SIGTERM
+        if type(exc) is SystemExit:
+            raise  # an ordinary exit keeps its code
+        print(
+            f"cola {args.stage}: interrupted; a training stage resumes from its last epoch "
+            "checkpoint when rerun",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 
