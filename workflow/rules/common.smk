@@ -6,7 +6,7 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from cola_audio import sync
+from cola_audio import guard, interrupt, sync
 from cola_audio.params import ParamsError, refuse_overrides, validate
 from cola_audio.stages import STAGES, Folder, all_outputs, fill, lookup, training_stages
 
@@ -32,6 +32,11 @@ def dvc_sync(wildcards):
         DVC_SYNC["done"] = True
         plugin = workflow.executor_plugin
         real_run = plugin is not None and not workflow.dryrun and not workflow.touch
+        if real_run:  # one real run per checkout (src/cola_audio/guard.py)
+            try:
+                guard.hold_checkout()
+            except guard.Busy as exc:
+                raise WorkflowError(str(exc))
         sync.before_planning(config["data"]["source"], real_run)
         # the sync's nested Snakemake calls delete .snakemake/locks when they end;
         # this one made it before planning and writes its own locks there next
@@ -147,14 +152,35 @@ def folder_listing():
     return listing(config["data"]["folder"])
 
 
+onstart:
+    # Ctrl-C or SIGTERM to Snakemake stops the running jobs too (src/cola_audio/interrupt.py)
+    interrupt.stop_jobs_first()
+    # DVC refuses to touch the outputs while the jobs run (src/cola_audio/guard.py)
+    if Path(".dvc").is_dir():
+        try:
+            DVC_KEPT_OFF.append(guard.keep_dvc_off(all_outputs(config)))
+        except guard.Busy as exc:
+            raise WorkflowError(str(exc))
+
+
+DVC_KEPT_OFF = []  # the release of DVC's path lock, once taken
+
+
+def let_dvc_in():
+    while DVC_KEPT_OFF:
+        DVC_KEPT_OFF.pop()()
+
+
 onsuccess:
     # Record what Snakemake built in dvc.lock, so `dvc status` is clean and `dvc push` shares it:
     # only stages whose build records match DVC's view (src/cola_audio/buildrecord.py).
+    let_dvc_in()
     if Path(".dvc").is_dir():
         shell("cola dvc-commit")
 
 
 onerror:
     # The jobs that did finish are recorded too.
+    let_dvc_in()
     if Path(".dvc").is_dir():
         shell("cola dvc-commit")
