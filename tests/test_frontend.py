@@ -1,11 +1,12 @@
 """Parity with the official TensorFlow front-end and the real FMA clip."""
 
 import hashlib
+import tracemalloc
 
 import numpy as np
 import pytest
 
-from cola_audio import featurize
+from cola_audio import featurize, frontend
 from cola_audio.frontend import FrontEnd
 from conftest import FMA_REAL, FRONTEND_FIXTURE, require
 
@@ -71,3 +72,25 @@ def test_real_fma_clip(default_params):
     assert result.features.shape == (FrontEnd().n_frames(n16k), 64) == (2996, 64)
     assert result.features.dtype == np.float16
     assert np.isfinite(result.features).all()
+
+
+@pytest.mark.parametrize("frames", [frontend.BLOCK_FRAMES - 1, 2 * frontend.BLOCK_FRAMES + 7])
+def test_a_long_wave_is_featurized_block_by_block_to_the_same_bytes(frames, monkeypatch):
+    """An hour's spectrum at once held ~1.5 GB; blocks of BLOCK_FRAMES frames give the same
+    bytes as one pass, with a peak bounded by the block, not by the length."""
+    fe = FrontEnd()
+    rng = np.random.default_rng(0)
+    wave = (rng.standard_normal((frames - 1) * fe.frame_step + fe.frame_length + 99) * 0.1).astype(
+        np.float32
+    )
+    blocked = fe.log_mel(wave)
+    monkeypatch.setattr(frontend, "BLOCK_FRAMES", 10**9)  # one block: the computation before
+    assert blocked.shape == (frames, fe.n_mels)
+    assert blocked.tobytes() == fe.log_mel(wave).tobytes()
+    monkeypatch.setattr(frontend, "BLOCK_FRAMES", 1 << 10)
+    tracemalloc.start()
+    fe.log_mel(wave)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    one_pass = frames * (fe.fft_length // 2 + 1) * 8  # the complex spectrum alone
+    assert peak < one_pass / 4 + blocked.nbytes

@@ -51,6 +51,9 @@ def tf_mel_matrix(
     return matrix
 
 
+BLOCK_FRAMES = 1 << 14  # frames per spectrum block (~164 s at a 10 ms hop); clips fit in one
+
+
 @dataclass(frozen=True)
 class FrontEnd:
     sample_rate: int = 16000
@@ -114,14 +117,19 @@ class FrontEnd:
         return wave / max(norm, 1e-9)
 
     def log_mel(self, wave: np.ndarray) -> np.ndarray:
-        """(frames, n_mels) float32 natural-log mel magnitudes of a mono waveform at sample_rate."""
+        """(frames, n_mels) float32 natural-log mel magnitudes of a mono waveform at sample_rate,
+        BLOCK_FRAMES frames at a time: an hour's spectrum at once held ~1.5 GB."""
         wave = np.asarray(wave, dtype=np.float32)
         if wave.ndim != 1:
             raise ValueError(f"expected a mono waveform, got shape {wave.shape}")
-        if self.n_frames(len(wave)) == 0:
-            return np.zeros((0, self.n_mels), dtype=np.float32)
-        mel = (self.mel_operator @ self.magnitude(wave).T).T
-        return np.log(np.clip(mel, self.log_floor, 1e8)).astype(np.float32)
+        frames = self.n_frames(len(wave))
+        out = np.empty((frames, self.n_mels), dtype=np.float32)
+        for start in range(0, frames, BLOCK_FRAMES):
+            stop = min(frames, start + BLOCK_FRAMES)
+            block = wave[start * self.frame_step : (stop - 1) * self.frame_step + self.frame_length]
+            mel = (self.mel_operator @ self.magnitude(block).T).T
+            out[start:stop] = np.log(np.clip(mel, self.log_floor, 1e8))
+        return out
 
     def features(self, wave: np.ndarray, sample_rate: int) -> np.ndarray:
         """Mono waveform at any rate → resampled, normalised, log-mel features."""
