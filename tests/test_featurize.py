@@ -2,8 +2,10 @@
 
 import hashlib
 import json
+import os
 import shutil
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -186,11 +188,32 @@ def test_an_unreadable_file_is_skipped_with_its_reason(
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
 
+    # libsndfile itself says only "System error." for a denied open: the file is opened first
     monkeypatch.setattr(featurize.digest, "file_digest", denied)
-    monkeypatch.setattr(featurize.sf, "SoundFile", denied)
+    monkeypatch.setattr(Path, "open", denied)
     sha1 = "0" * 40 if with_sha1 else None
     result = featurize.featurize_file(1, str(path), default_params["features"], sha1)
     assert result.features is None and result.reason.startswith("unreadable: permission denied")
+
+
+def test_a_fifo_named_like_audio_is_skipped_without_being_opened(tmp_path, default_params):
+    """Opening a FIFO blocks until a writer comes: the shard would hang."""
+    fifo = tmp_path / "pipe.wav"
+    os.mkfifo(fifo)
+    done: list = []
+    worker = threading.Thread(
+        target=lambda: done.append(
+            featurize.featurize_file(1, str(fifo), default_params["features"])
+        ),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(timeout=30)
+    if not done:  # unblock the reader so the thread ends
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("featurize_file blocked on a FIFO")
+    assert done[0].reason == "not a regular file (a FIFO, socket or device)"
 
 
 def test_non_finite_samples_are_skipped_with_their_reason(tmp_path, default_params):

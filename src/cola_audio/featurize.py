@@ -115,10 +115,16 @@ def check_audio(path: Path, features: dict[str, Any]) -> tuple[np.ndarray, int] 
     """The decoded mono waveform and its rate, or the reason the clip must be skipped."""
     if path.is_dir():
         return "a directory, not an audio file"
-    if not path.is_file():
+    if not path.exists():
         return "missing file"
+    if not path.is_file():  # never opened: a FIFO would block the shard
+        return "not a regular file (a FIFO, socket or device)"
     if path.stat().st_size == 0:
         return "empty file (0 bytes)"
+    try:  # libsndfile reports a denied open as "System error."
+        path.open("rb").close()
+    except PermissionError:
+        return UNREADABLE
     try:
         wave, sr, header_frames = decode(path)
         plausible_header(sr, 1, len(wave))

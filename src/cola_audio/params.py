@@ -32,6 +32,38 @@ SCHEMA_DIR = Path(__file__).resolve().parents[2] / "workflow" / "schemas"
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+class _UniqueKeys(YAML_LOADER):  # type: ignore[misc,valid-type]
+    """YAML keeps the last of a key given twice, silently: an `lr` written twice trained with
+    whichever came last. Refused instead, naming both lines."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in lines:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} given twice (lines {lines[key]} and "
+                    f"{key_node.start_mark.line + 1}); keep one",
+                    key_node.start_mark,
+                )
+            lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A params file as data; duplicate keys, bad YAML and non-UTF-8 text are ParamsErrors."""
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys)
+    except UnicodeDecodeError as exc:
+        raise ParamsError(
+            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+
+
 @functools.cache
 def load_schema(name: str = SCHEMA_NAME) -> dict[str, Any]:
     """A schema from workflow/schemas/ (the package is installed editable from the repository);
@@ -52,12 +84,25 @@ def _describe(error: jsonschema.ValidationError) -> str:
         allowed = "known keys: " + ", ".join(known) if known else None
     value = error.instance if not isinstance(error.instance, dict) else "{...}"
     msg = f"{key} = {value!r} is invalid: {error.message}"
+    if error.validator == "type" and _reads_as_number(error.instance):
+        msg += f" (YAML reads {value} as text; write it with a dot, e.g. 1.0e-3)"
     if error.validator == "unevaluatedProperties":  # name only keys the schema does not know
         unknown = ", ".join(repr(k) for k in sorted(set(error.instance) - set(known)))
         msg = f"{key} has unknown key(s) {unknown}"
     if allowed:
         msg += f" (allowed: {allowed})"
     return msg
+
+
+def _reads_as_number(value: Any) -> bool:
+    """`1e-3`: a number to Python, a string to YAML 1.1 (no dot in the mantissa)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _known_keys(schema: dict[str, Any]) -> set[str]:
@@ -209,7 +254,7 @@ def finetune_runs(finetune: dict[str, Any]) -> dict[str, dict[str, str]]:
 def overrides(config: dict[str, Any], path: str | Path = "params.yaml") -> list[str]:
     """Pure but for reading `path`: the dotted keys whose value in `config` (what Snakemake made
     of params.yaml plus --config/--configfile) differs from the file's."""
-    on_disk = yaml.safe_load(Path(path).read_text())
+    on_disk = read_yaml(Path(path))
 
     def walk(a: Any, b: Any, prefix: str) -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
@@ -244,10 +289,7 @@ def load(path: str | Path = "params.yaml") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: not found. Run from the repository root or pass --params PATH.")
-    try:
-        params = yaml.load(path.read_text(), Loader=YAML_LOADER)
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    params = read_yaml(path)
     if not isinstance(params, dict):
         raise ParamsError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
     return validate(params, str(path))
