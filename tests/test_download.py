@@ -5,11 +5,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import http.server
+import io
 import logging
 import os
 import random
 import re
 import shutil
+import socket
 import stat
 import threading
 import types
@@ -588,3 +590,193 @@ def test_snakemake_keeps_verified_archives_when_download_fails(server, tmp_path)
     sh("snakemake --cores 1 --until download", repo)
     assert [name for name, _ in server.requests] == ["fma_large.zip"]
     assert (repo / "data" / "raw" / "fma_large" / "000" / "000002.mp3").is_file()
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: every connection is refused before a byte arrives."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("empty_part", [False, True], ids=["no-part", "empty-part"])
+def test_a_transfer_that_never_started_does_not_claim_a_partial_download(
+    tmp_path, monkeypatch, empty_part
+):
+    monkeypatch.setattr(download.time, "sleep", lambda s: None)
+    dest = tmp_path / "fma_small.zip"
+    part = tmp_path / "fma_small.zip.part"
+    if empty_part:
+        part.write_bytes(b"")
+    url = f"http://127.0.0.1:{closed_port()}/fma_small.zip"
+    with pytest.raises(download.DownloadError, match="failed after 2 attempts") as info:
+        download.fetch(url, dest, "0" * 40, **fast(retries=1))
+    text = str(info.value)
+    assert "Nothing was downloaded" in text and "download.base_url" in text
+    assert "kept" not in text and "resume" not in text
+    assert not dest.exists() and (not part.exists() or part.stat().st_size == 0)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "htp:/nonsense/fma_small.zip",
+        f"ftp://127.0.0.1:{closed_port()}/fma_small.zip",
+        "example.org/fma/fma_small.zip",
+    ],
+    ids=["typo", "ftp", "no-scheme"],
+)
+def test_a_url_whose_scheme_is_not_http_or_file_is_refused_without_retries(
+    tmp_path, monkeypatch, url
+):
+    sleeps: list[float] = []
+    monkeypatch.setattr(download.time, "sleep", sleeps.append)
+    with pytest.raises(download.DownloadError, match=r"download\.base_url must be an http") as info:
+        download.fetch(url, tmp_path / "fma_small.zip", "0" * 40, **fast())
+    assert str(info.value).startswith(url) and "\n" not in str(info.value)
+    assert sleeps == [] and not list(tmp_path.iterdir())
+
+
+def test_a_file_url_is_still_fetched(tmp_path):
+    blob = b"release bytes" * 100
+    (tmp_path / "mirror").mkdir()
+    (tmp_path / "mirror" / "fma_small.zip").write_bytes(blob)
+    dest = tmp_path / "out" / "fma_small.zip"
+    url = (tmp_path / "mirror" / "fma_small.zip").as_uri()
+    assert download.fetch(url, dest, sha1(blob), **fast()).read_bytes() == blob
+
+
+def files_under(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+OLD_TREE = {f"{i:03d}/old.mp3": f"old {i}".encode() for i in range(4)}
+
+
+@pytest.mark.parametrize(
+    ("failure", "code"),
+    [
+        ("delete-old", errno.EACCES),
+        ("delete-old", errno.EBUSY),
+        ("move-new-in", errno.EBUSY),
+        ("move-new-in", errno.EXDEV),
+    ],
+)
+def test_replacing_an_earlier_extraction_never_leaves_a_mix(
+    tmp_path, monkeypatch, caplog, failure, code
+):
+    """The old folder was deleted before the new one moved in: a delete failing partway (a file
+    another user owns, EBUSY on NFS) left it half gone and the verified staging folder removed."""
+    raw = tmp_path / "raw"
+    final, aside = raw / "fma_small", raw / ".fma_small.old"
+    for rel, data in OLD_TREE.items():
+        (final / rel).parent.mkdir(parents=True, exist_ok=True)
+        (final / rel).write_bytes(data)
+    archive = write_archive(tmp_path, make_zip("fma_small", MP3S))
+    new_names = {*MP3S, "README.txt", "checksums"}
+    real_rmtree, real_replace = shutil.rmtree, os.replace
+
+    def rmtree(path, *args, **kwargs):  # removes one file of the old folder, then fails
+        path = Path(path)
+        if path.parent == raw and not path.name.endswith(".extracting"):
+            doomed = sorted(path.rglob("old.mp3"))
+            doomed[0].unlink()
+            raise OSError(code, os.strerror(code), str(doomed[1]))
+        return real_rmtree(path, *args, **kwargs)
+
+    def replace(src, dst):
+        if Path(src).name == ".fma_small.extracting":
+            raise OSError(code, os.strerror(code), str(src), str(dst))
+        return real_replace(src, dst)
+
+    if failure == "delete-old":
+        monkeypatch.setattr(shutil, "rmtree", rmtree)
+    else:
+        monkeypatch.setattr(os, "replace", replace)
+    with caplog.at_level(logging.WARNING, logger="cola_audio.download"):
+        try:
+            download.extract(archive, raw)
+            message, outcome = caplog.text, "new"
+        except download.DownloadError as exc:
+            message, outcome = str(exc), "old"
+    found = files_under(final)
+    if outcome == "new":
+        assert set(found) == new_names and all(found[k] == v for k, v in MP3S.items())
+    else:
+        assert found == OLD_TREE
+    assert outcome == ("new" if failure == "delete-old" else "old")
+    assert str(aside if failure == "delete-old" else final) in message
+    assert not (raw / ".fma_small.extracting").exists()
+    assert archive.is_file()
+
+
+def set_header_bits(blob: bytes, *, method: int | None = None, flags: int = 0) -> bytes:
+    """Rewrite every member's compression method and OR `flags` into its general purpose flags,
+    in both the local and the central directory headers."""
+    out = bytearray(blob)
+    for signature, flag_at, method_at in ((b"PK\x03\x04", 6, 8), (b"PK\x01\x02", 8, 10)):
+        at = out.find(signature)
+        while at != -1:
+            old = int.from_bytes(out[at + flag_at : at + flag_at + 2], "little")
+            out[at + flag_at : at + flag_at + 2] = (old | flags).to_bytes(2, "little")
+            if method is not None:
+                out[at + method_at : at + method_at + 2] = method.to_bytes(2, "little")
+            at = out.find(signature, at + 4)
+    return bytes(out)
+
+
+def compressed_zip(files: dict[str, bytes], compression: int) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=compression) as zf:
+        zf.writestr("fma_small/checksums", "".join(f"{sha1(d)}  {n}\n" for n, d in files.items()))
+        for name, data in files.items():
+            zf.writestr(f"fma_small/{name}", data)
+    return buf.getvalue()
+
+
+def corrupt_middle(blob: bytes) -> bytes:
+    out, mid = bytearray(blob), len(blob) // 2
+    for k in range(mid, mid + 40):
+        out[k] ^= 0x55
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    ("blob", "message"),
+    [
+        pytest.param(
+            corrupt_middle(
+                compressed_zip({"000/000002.mp3": noise(3000) + b"a" * 50_000}, zipfile.ZIP_LZMA)
+            ),
+            "truncated or corrupt",
+            id="corrupt-lzma",
+        ),
+        pytest.param(
+            set_header_bits(compressed_zip(MP3S, zipfile.ZIP_STORED), method=9),
+            r"use a compression method this Python's zipfile cannot read \(000/000002.mp3 "
+            r"\(Deflate64\).*not the official release",
+            id="deflate64",
+        ),
+        pytest.param(
+            set_header_bits(compressed_zip(MP3S, zipfile.ZIP_STORED), method=93),
+            r"use a compression method this Python's zipfile cannot read .*\(Zstandard\)",
+            id="zstandard",
+        ),
+        pytest.param(
+            set_header_bits(compressed_zip(MP3S, zipfile.ZIP_STORED), flags=0x1),
+            r"use encryption this Python's zipfile cannot read \(000/000002.mp3 \(encrypted\)"
+            r".*not the official release",
+            id="encrypted",
+        ),
+    ],
+)
+def test_members_zipfile_cannot_read_are_refused_in_one_line(tmp_path, blob, message):
+    archive = write_archive(tmp_path, blob)
+    raw = tmp_path / "raw"
+    with pytest.raises(download.DownloadError, match=message) as info:
+        download.extract(archive, raw)
+    assert "\n" not in str(info.value) and str(archive) in str(info.value)
+    assert not raw.exists() or not list(raw.iterdir())
+    assert archive.is_file()

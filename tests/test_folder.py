@@ -487,3 +487,96 @@ def test_merge_groups_joins_every_group_sharing_bytes():
     hashes = ["1", "2", "1", "3", "2", "4"]  # a~c by bytes, b~e; d alone
     assert folder.merge_groups(groups, hashes) == ["a", "b", "a", "d", "b", "b"]
     assert folder.merge_groups(["z", "y", "x"], ["1", "1", "1"]) == ["x", "x", "x"]
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [r"^(?:([0-9a-f]+)_nohash_)?", r"^([0-9a-f]+)_nohash_|^rec", r"^([0-9a-f]*)"],
+    ids=["optional-group", "group-in-one-branch", "empty-capture"],
+)
+def test_a_match_whose_group_caught_nothing_counts_as_no_match(tmp_path, caplog, pattern):
+    """Group 1 did not take part (or was empty) for the renamed files: their group became None
+    (or ""), so they got no split, were written with split "" and broke prepare later."""
+    write_tree(tmp_path / "audio")
+    renamed = ["dog/0000_nohash_0.wav", "rain/0003_nohash_1.wav", "siren/0005_nohash_0.wav"]
+    for i, name in enumerate(renamed):
+        path = tmp_path / "audio" / name
+        path.rename(path.with_name(f"rec-{i:02d}.wav"))
+    with caplog.at_level(logging.WARNING, logger="cola_audio.folder"):
+        table = folder.index(cfg(tmp_path / "audio", group_pattern=pattern), tmp_path / "raw")
+    written = folder.read_index(tmp_path / "raw")
+    assert set(written["split"]) == set(folder.SPLITS) == set(table["split"])
+    unmatched = written["path"].str.contains("/rec-")
+    assert unmatched.sum() == len(renamed)
+    assert (written["group"][unmatched] == written["path"][unmatched]).all()
+    assert set(written["group"][~unmatched]) <= {f"{s:04x}" for s in range(6)}
+    total = len(written)
+    assert f"matches {total - len(renamed)} of {total} file names" in caplog.text
+
+
+def labels_csv_at(tmp_path, kind):
+    csv = tmp_path / "labels.csv"
+    if kind == "folder":
+        csv.mkdir()
+    elif kind == "empty":
+        csv.write_bytes(b"")
+    elif kind == "latin-1":
+        csv.write_bytes("path,label\ndog/0000_nohash_0.wav,chien é\n".encode("latin-1"))
+    elif kind == "ragged":
+        csv.write_text("path,label\ndog/0000_nohash_0.wav,dog\ndog/0000_nohash_1.wav,dog,x,y\n")
+    return csv
+
+
+@pytest.mark.parametrize(
+    ("kind", "error", "fix"),
+    [
+        ("missing", MissingInput, "no such file; give the path of a CSV"),
+        ("folder", BadInput, "is a folder, not a CSV file"),
+        ("empty", BadInput, "the file is empty; it needs a header line path,label"),
+        ("latin-1", BadInput, r"not UTF-8 text \(line 2 holds byte b'\\xe9'\); save it as UTF-8"),
+        ("ragged", BadInput, "not a readable CSV .*line 3.*fix it"),
+    ],
+)
+def test_an_unreadable_labels_csv_is_named_in_one_line(tmp_path, kind, error, fix):
+    write_tree(tmp_path / "audio")
+    csv = labels_csv_at(tmp_path, kind)
+    with pytest.raises(error, match=f"^data.folder.labels_csv {re.escape(str(csv))}: {fix}"):
+        folder.index(cfg(tmp_path / "audio", labels_csv=str(csv)), tmp_path / "raw")
+
+
+@pytest.mark.parametrize(
+    ("where", "shown_as"),
+    [
+        ("dog/caf\xe9.wav", r"b'dog/caf\\xe9.wav'"),
+        ("chat\xe9/0000_nohash_0.wav", r"b'chat\\xe9'"),
+        ("extra/caf\xe9.wav", r"b'caf\\xe9.wav'"),
+    ],
+    ids=["file-in-a-class", "class-folder", "unlabelled-file"],
+)
+def test_names_that_are_not_utf8_are_refused_before_hashing(tmp_path, monkeypatch, where, shown_as):
+    """pandas failed writing the index with a UnicodeEncodeError, after hashing everything."""
+    write_tree(tmp_path / "audio")
+    (tmp_path / "extra").mkdir()
+    base = tmp_path if where.startswith("extra/") else tmp_path / "audio"
+    bad = os.fsencode(base) + b"/" + where.encode("latin-1")
+    os.makedirs(os.path.dirname(bad), exist_ok=True)
+    with open(bad, "wb") as fh:
+        sf.write(fh, np.full(800, 0.3, np.float32), 8000, format="WAV")
+    hashed = []
+    real = folder.digest.file_digest
+
+    def file_digest(path, algorithm="sha1"):
+        hashed.append(str(path))
+        return real(path, algorithm)
+
+    monkeypatch.setattr(folder.digest, "file_digest", file_digest)
+    with pytest.raises(BadInput, match="1 file name.* not valid UTF-8: ") as info:
+        folder.index(
+            cfg(tmp_path / "audio", unlabelled_path=str(tmp_path / "extra")), tmp_path / "raw"
+        )
+    assert re.search(shown_as, str(info.value)) and "rename them" in str(info.value)
+    assert not (tmp_path / "raw" / folder.INDEX).exists()
+    if where.startswith("extra/"):
+        assert not any("/extra/" in p for p in hashed)
+    else:
+        assert hashed == []

@@ -9,11 +9,14 @@ response is used only where its Content-Range starts at or before the bytes we h
 
 Extraction refuses, before it writes anything: members that would escape the target folder or sit
 under another top folder than the archive's name promises, symlinks and other non-regular files,
-names given twice, a member whose declared size is over MAX_RATIO times its compressed size (a zip
+names given twice, members compressed with a method or encrypted in a way zipfile cannot read, a
+member whose declared size is over MAX_RATIO times its compressed size (a zip
 bomb), an archive whose declared sizes exceed the free space, and a `checksums` file that does not
 list exactly the archive's files (only README.txt and checksums itself go unlisted, as in the
 release). Each file's SHA1 is checked as it streams out, and the folder appears under its final name
-only when all match; on any failure the staging folder is removed.
+only when all match; on any failure the staging folder is removed. An earlier extraction there is
+renamed aside first and deleted only once the new folder is in place, so a delete that fails partway
+never leaves a mix of the two.
 """
 
 from __future__ import annotations
@@ -22,14 +25,17 @@ import errno
 import http.client
 import io
 import logging
+import lzma
 import os
 import re
 import shutil
 import stat
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -43,6 +49,20 @@ MAX_RATIO = 200  # declared size / compressed size; the release's MP3s are ~1:1,
 BOMB_MIN_SIZE = 1 << 20  # smaller members may compress better (a short README) without harm
 UNLISTED = {"README.txt", "checksums"}  # the only members the release's checksums do not list
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+URL_SCHEMES = ("http", "https", "file")
+# What zipfile can decompress; the release uses BZIP2. Other methods are named when refused.
+READABLE_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+METHOD_NAMES = {
+    6: "Implode",
+    9: "Deflate64",
+    10: "PKWARE DCL",
+    93: "Zstandard",
+    95: "XZ",
+    98: "PPMd",
+}
+ENCRYPTED = 0x1  # general purpose flag bit 0
+# What a corrupt member raises from zipfile's decompressors, besides OSError (bz2) and EOFError.
+CORRUPT = (zipfile.BadZipFile, EOFError, OSError, zipfile.LargeZipFile, lzma.LZMAError, zlib.error)
 
 
 class DownloadError(InputError, RuntimeError):
@@ -127,6 +147,12 @@ def fetch(
     timeout_s: float = 60.0,
 ) -> Path:
     """Download `url` to `dest`, verified. Partial bytes live in `dest.part` until verified."""
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in URL_SCHEMES:
+        raise DownloadError(
+            f"{url}: download.base_url must be an http://, https:// or file:// URL "
+            f"(the scheme here is {scheme or 'missing'!r}); fix it in params.yaml"
+        )
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
@@ -150,9 +176,16 @@ def fetch(
         except (OSError, http.client.HTTPException) as exc:
             error = exc
         if attempt == retries:
+            held = part.stat().st_size if part.exists() else 0
+            kept = (
+                f"The partial download ({_size(held)}) is kept in {part}; rerun `cola download` "
+                "to resume it."
+                if held
+                else "Nothing was downloaded; check the network and download.base_url, then rerun "
+                "`cola download`."
+            )
             raise DownloadError(
-                f"{url}: failed after {retries + 1} attempts ({error}). The partial download is "
-                f"kept in {part}; rerun `cola download` to resume it."
+                f"{url}: failed after {retries + 1} attempts ({error}). {kept}"
             ) from error
         wait = backoff_s * 2**attempt
         log.warning(
@@ -190,6 +223,29 @@ def _safe_member(info: zipfile.ZipInfo, archive: Path) -> PurePosixPath:
         kind = "symlink" if stat.S_ISLNK(mode) else "special file"
         raise _refusal(archive, f"member {name!r} is a {kind}, not a regular file")
     return path
+
+
+def _check_readable(files: dict[str, zipfile.ZipInfo], archive: Path) -> None:
+    """Refuse, before a byte is written, members zipfile cannot decompress (Deflate64 and others
+    raise NotImplementedError mid-extraction) or that are encrypted (RuntimeError)."""
+    encrypted = [rel for rel, info in sorted(files.items()) if info.flag_bits & ENCRYPTED]
+    unreadable = [
+        f"{rel} ({METHOD_NAMES.get(info.compress_type, f'method {info.compress_type}')})"
+        for rel, info in sorted(files.items())
+        if info.compress_type not in READABLE_METHODS and rel not in encrypted
+    ]
+    if encrypted or unreadable:
+        what = " and ".join(
+            kind
+            for kind, found in (("a compression method", unreadable), ("encryption", encrypted))
+            if found
+        )
+        named = [f"{rel} (encrypted)" for rel in encrypted] + unreadable
+        raise DownloadError(
+            f"{archive}: {len(named)} member(s) use {what} this Python's zipfile cannot read "
+            f"({_examples(named)}); it is not the official release (nothing was written). Delete "
+            "it and download it again from the official source."
+        )
 
 
 def _members(zf: zipfile.ZipFile, archive: Path) -> tuple[str, dict[str, zipfile.ZipInfo]]:
@@ -347,7 +403,7 @@ def _extract_verified(
     try:
         staging.mkdir(parents=True)
         got = {rel: _write_member(zf, info, staging / rel) for rel, info in files.items()}
-    except (zipfile.BadZipFile, EOFError, OSError, zipfile.LargeZipFile) as exc:
+    except CORRUPT as exc:
         raise _write_error(exc, archive, staging) from exc
     bad = [f"{rel} (SHA1 mismatch)" for rel, want in sorted(sums.items()) if got[rel] != want]
     if bad:
@@ -355,6 +411,55 @@ def _extract_verified(
         raise ChecksumError(
             f"{archive}: {len(bad)} file(s) fail the archive's checksums: {shown}. Delete the "
             "archive and download it again."
+        )
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _install(staging: Path, final: Path, aside: Path, archive: Path) -> None:
+    """Put the verified `staging` folder in `final`'s place. An earlier extraction there is
+    renamed to `aside` first (atomic on one file system) and deleted only once the new folder is
+    in place: a delete that fails partway (a file another user owns, EBUSY on NFS) then leaves
+    `final` complete. If the new folder cannot be moved in, the old one goes back."""
+    if not final.exists() and not final.is_symlink():
+        os.replace(staging, final)
+        return
+    try:
+        if aside.exists() or aside.is_symlink():
+            _remove(aside)  # left by an earlier run whose delete failed
+        os.replace(final, aside)
+    except OSError as exc:
+        raise DownloadError(
+            f"{archive}: could not move the earlier extraction {final} aside to {aside} ({exc}); "
+            f"{final} is unchanged and the verified archive is kept. Remove {aside} (and {final} "
+            "if you no longer want it) and rerun `cola download`."
+        ) from exc
+    try:
+        os.replace(staging, final)
+    except BaseException as exc:
+        os.replace(aside, final)
+        if isinstance(exc, OSError):
+            raise DownloadError(
+                f"{archive}: could not move the verified extraction into {final} ({exc}); the "
+                f"earlier extraction is back in {final} and the archive is kept. Fix that and "
+                "rerun `cola download`."
+            ) from exc
+        raise
+    try:
+        _remove(aside)
+    except OSError as exc:
+        log.warning(
+            "%s is complete, but the earlier extraction moved aside to %s could not be deleted "
+            "(%s); delete %s by hand",
+            final,
+            aside,
+            exc,
+            aside,
         )
 
 
@@ -371,18 +476,17 @@ def extract(archive: Path, root: Path) -> Path:
         ) from exc
     with zf:
         top, files = _members(zf, archive)
+        _check_readable(files, archive)
         _check_sizes(files, archive, root)
         try:
             sums = _read_sums(zf, files, archive)
-        except (zipfile.BadZipFile, EOFError, OSError, UnicodeDecodeError) as exc:
+        except (*CORRUPT, UnicodeDecodeError) as exc:
             raise _corrupt(archive, exc) from exc
         _check_listing(files, sums, archive)
         staging, final = root / f".{top}.extracting", root / top
         try:
             _extract_verified(zf, files, sums, archive, staging)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
+            _install(staging, final, root / f".{top}.old", archive)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -111,6 +111,31 @@ def audio_under(root: Path) -> list[Path]:
     return [p for p in found.files if p.suffix.lower() in AUDIO_SUFFIXES]
 
 
+def _is_utf8(path: Path) -> bool:
+    """False for a name holding bytes that are not UTF-8 (Python keeps them as surrogates)."""
+    try:
+        path.as_posix().encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(path: Path) -> str:
+    return path.as_posix() if _is_utf8(path) else repr(os.fsencode(path))
+
+
+def refuse_undecodable(paths: Iterable[Path], root: Path) -> None:
+    """The index is UTF-8 text: a name that is not failed only when it was written, after every
+    file was hashed. Refused first, naming each (as bytes, relative to `root`)."""
+    names = [repr(os.fsencode(p.relative_to(root))) for p in paths if not _is_utf8(p)]
+    if names:
+        raise BadInput(
+            f"{_printable(root)}: {len(names)} file name(s) are not valid UTF-8: {shown(names)}; "
+            "rename them to UTF-8 names (e.g. `convmv -f latin1 -t utf8 -r --notest <folder>`), "
+            "then rerun"
+        )
+
+
 def group_regex(pattern: str | None) -> re.Pattern[str] | None:
     """`data.folder.group_pattern` compiled; params validation refuses a bad one before any job,
     this guards direct calls."""
@@ -152,7 +177,7 @@ def labelled_files(cfg: dict[str, Any], root: Path) -> pd.DataFrame:
     table.loc[blank, "group"] = [group_of(p, cfg["group_pattern"]) for p in table["path"][blank]]
     if regex and blank.any():
         names = sorted(Path(p).name for p in table["path"][blank])
-        missed = [n for n in names if not regex.search(n)]
+        missed = [n for n in names if _group_match(regex, n) is None]
         if len(missed) == len(names):
             raise BadInput(
                 f"data.folder.group_pattern {cfg['group_pattern']!r} matches no file name under "
@@ -175,7 +200,7 @@ def labelled_files(cfg: dict[str, Any], root: Path) -> pd.DataFrame:
 
 def _from_labels_csv(csv: Path, root: Path) -> pd.DataFrame:
     """The labels CSV's rows, checked: columns, labels, duplicates, files present, splits."""
-    table = pd.read_csv(csv, dtype=str).fillna("")
+    table = _read_labels_csv(csv)
     missing_cols = {"path", "label"} - set(table.columns)
     if missing_cols:
         raise BadInput(f"{csv}: needs columns path,label[,split][,group]; no {missing_cols}")
@@ -194,6 +219,39 @@ def _from_labels_csv(csv: Path, root: Path) -> pd.DataFrame:
     return table
 
 
+def _read_labels_csv(csv: Path) -> pd.DataFrame:
+    """The CSV as text, or one line naming data.folder.labels_csv and the fix."""
+    what = f"data.folder.labels_csv {csv}"
+    if not csv.exists():
+        raise MissingInput(
+            f"{what}: no such file; give the path of a CSV with path,label[,split][,group] "
+            "columns, or set it to null to read class subfolders"
+        )
+    if csv.is_dir():
+        raise BadInput(f"{what}: is a folder, not a CSV file; give the CSV file's path")
+    try:
+        return pd.read_csv(csv, dtype=str, encoding="utf-8").fillna("")
+    except UnicodeDecodeError:
+        pass  # pandas gives an offset into its read buffer: find the line in the file below
+    except pd.errors.EmptyDataError:
+        raise BadInput(
+            f"{what}: the file is empty; it needs a header line path,label[,split][,group] and "
+            "a row per audio file"
+        ) from None
+    except pd.errors.ParserError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise BadInput(f"{what}: not a readable CSV ({reason}); fix it and rerun") from None
+    data = csv.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line, byte = data.count(b"\n", 0, exc.start) + 1, data[exc.start : exc.start + 1]
+    else:  # the file changed since pandas read it: name no line rather than a wrong one
+        line, byte = 0, b""
+    at = f" (line {line} holds byte {byte!r})" if line else ""
+    raise BadInput(f"{what}: not UTF-8 text{at}; save it as UTF-8 and rerun")
+
+
 def _from_class_folders(root: Path) -> pd.DataFrame:
     """One row per audio file under each class subfolder of `root`."""
     classes = (
@@ -206,7 +264,9 @@ def _from_class_folders(root: Path) -> pd.DataFrame:
             f"{root}: no class subfolders; set data.folder.path to a folder "
             "with one subfolder per class, or give data.folder.labels_csv"
         )
+    refuse_undecodable(classes, root)
     files = {d.name: audio_under(d) for d in classes}
+    refuse_undecodable((p for found in files.values() for p in found), root)
     empty = [name for name, found in files.items() if not found]
     if empty:
         raise BadInput(f"{root}: class folder(s) without audio files: {', '.join(empty)}")
@@ -215,13 +275,22 @@ def _from_class_folders(root: Path) -> pd.DataFrame:
     return table
 
 
+def _group_match(regex: re.Pattern[str], name: str) -> str | None:
+    r"""The group id `regex` finds in a file name: its first capture group (the whole match when
+    it has none), or None where it does not match or that group took no part or caught nothing
+    (an optional group such as `^(?:spk(\d+)_)?` matches every name)."""
+    match = regex.search(name)
+    if match is None:
+        return None
+    found = match.group(1) if match.groups() else match.group(0)
+    return found or None
+
+
 def group_of(path: str, pattern: str | None) -> str:
     """The first capture group of `pattern` in the file name, or the file itself."""
-    name = Path(path).name
     regex = group_regex(pattern)
-    if regex and (match := regex.search(name)):
-        return match.group(1) if match.groups() else match.group(0)
-    return path
+    found = _group_match(regex, Path(path).name) if regex else None
+    return path if found is None else found
 
 
 def sha1s(paths: Iterable[str], where: str) -> list[str]:
@@ -369,7 +438,9 @@ def unlabelled(folder: Path, labelled: pd.DataFrame) -> pd.DataFrame:
     (same path or same bytes): validation and test audio must never reach pretraining."""
     if not folder.is_dir():
         raise MissingInput(f"{folder}: data.folder.unlabelled_path is not a folder")
-    paths = [p.as_posix() for p in audio_under(folder)]
+    found = audio_under(folder)
+    refuse_undecodable(found, folder)
+    paths = [p.as_posix() for p in found]
     rows = pd.DataFrame({"path": paths, "label": "", "split": "unlabelled", "group": paths})
     rows["sha1"] = sha1s(rows["path"], str(folder))
     known = rows["path"].isin(labelled["path"]) | rows["sha1"].isin(labelled["sha1"])
