@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import shutil
+import signal
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,7 +22,7 @@ from cola_audio.embed import Embedder
 from cola_audio.errors import BadInput, InputError, MissingInput
 from cola_audio.frontend import FrontEnd
 from cola_audio.models.batchnorm import recompute_batchnorm
-from cola_audio.models.encoder import Encoder, save_encoder
+from cola_audio.models.encoder import Encoder, encoder_metadata, save_encoder
 
 CROP, HOP, STEP, FRAME, SR = 98, hear.TIMESTAMP_HOP_FRAMES, 160, 400, 16000
 
@@ -341,20 +345,24 @@ def test_cola_embed_on_a_folder_without_audio_is_a_one_line_error(
     assert not counting.batches
 
 
+@pytest.mark.parametrize("stale", [False, True], ids=["fresh", "stale-out"])
 @pytest.mark.parametrize("windows", [False, True])
 @pytest.mark.parametrize(
     "files", [{"broken.mp3": b"\x00" * 3000}, {"empty.wav": b"", "noise.flac": b"fLaC junk"}]
 )
 def test_cola_embed_when_every_file_is_skipped_is_a_one_line_error(
-    counting, tmp_path, capsys, files, windows
+    counting, tmp_path, capsys, files, windows, stale
 ):
-    """No Parquet file (not even an empty one) under the final name or a temporary one; the
-    skipped CSV is written and the error points to it."""
+    """No Parquet file (not even an empty one) under the final name or a temporary one, nor an
+    earlier run's left beside this run's skipped CSV; the CSV is written and the error points
+    to it (and says the stale file was removed)."""
     folder = tmp_path / "audio"
     folder.mkdir()
     for name, data in files.items():
         (folder / name).write_bytes(data)
     out = tmp_path / "emb.parquet"
+    if stale:
+        out.write_bytes(b"PAR1 an earlier run's embeddings PAR1")
     argv = ["embed", str(folder), "--out", str(out)]
     assert cli.main([*argv, "--windows"] if windows else argv) == 1
     err = capsys.readouterr().err
@@ -362,6 +370,7 @@ def test_cola_embed_when_every_file_is_skipped_is_a_one_line_error(
     assert "Traceback" not in err
     skipped_csv = tmp_path / "emb.parquet.skipped.csv"
     assert str(skipped_csv) in line and f"all {len(files)} audio file(s) were skipped" in line
+    assert (f"the older {out} from an earlier run was removed" in line) == stale
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audio", skipped_csv.name]
     skipped = pd.read_csv(skipped_csv)
     assert sorted(skipped["path"].str.rsplit("/", n=1).str[1]) == sorted(files)
@@ -381,3 +390,278 @@ def test_cola_embed_batch_size_below_one_is_an_argparse_error(
     err = capsys.readouterr().err
     assert "Traceback" not in err and not out.exists()
     assert f"error: argument --batch-size: {batch_size} is not a positive whole number" in err
+
+
+def tree(root: Path) -> dict[str, bytes | str]:
+    """Every path under `root` with its bytes (regular files) or its kind, to compare."""
+    found: dict[str, bytes | str] = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            found[str(path)] = f"link to {os.readlink(path)}"
+        elif path.is_file():
+            found[str(path)] = path.read_bytes()
+        else:
+            found[str(path)] = "folder" if path.is_dir() else "other"
+    return found
+
+
+@pytest.mark.parametrize(
+    ("inputs", "out", "words"),
+    [
+        (["victim.wav"], "victim.wav", "is the input file"),
+        (["clip.dat"], "clip.dat", "is the input file"),  # audio under another name
+        (["clip.dat"], "sub/../clip.dat", "is the input file"),
+        (["clip.dat"], "link.dat", "is the input file"),  # a symlink to the input
+        (["clip.dat"], "hard.dat", "is the input file"),  # a hard link to the input
+        (["clip.dat", "victim.wav"], "clip.dat", "is the input file"),
+        (["folder"], "folder/inside.wav", "named like audio"),
+        (["victim.wav"], "new.WAV", "named like audio"),
+        (["victim.wav"], "new.flac", "named like audio"),
+        (["victim.wav"], "folder", "is a folder"),
+        (["victim.wav"], "notes.txt/emb.parquet", "is not a folder"),
+        (["victim.wav"], "notes.txt/deeper/emb.parquet", "is not a folder"),
+    ],
+)
+def test_cola_embed_refuses_an_out_that_would_overwrite_an_input_or_cannot_be_written(
+    counting, tmp_path, monkeypatch, capsys, inputs, out, words
+):
+    """Checked before any file is read or the encoder loaded: one line naming --out and the fix,
+    and nothing under the working folder changes (no Parquet, no skipped CSV)."""
+    monkeypatch.chdir(tmp_path)
+    sf.write("victim.wav", tone(1.5, 500.0), SR)
+    shutil.copy("victim.wav", "clip.dat")
+    os.symlink("clip.dat", "link.dat")
+    os.link("clip.dat", "hard.dat")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "folder").mkdir()
+    shutil.copy("victim.wav", "folder/inside.wav")
+    Path("notes.txt").write_text("not a folder")
+    before = tree(tmp_path)
+    assert cli.main(["embed", *inputs, "--out", out]) == 1
+    err = capsys.readouterr().err
+    [line] = error_lines(err)
+    assert "Traceback" not in err
+    assert line.startswith(f"cola embed: error: --out {out}: ") and words in line
+    assert "choose" in line or "name the Parquet file" in line  # the fix
+    assert tree(tmp_path) == before
+    assert not counting.batches
+
+
+class Hung(Exception):
+    """Raised by the alarm in a run that blocked."""
+
+
+@pytest.fixture
+def deadline():
+    """Fail, not hang, a run that blocks (e.g. opening a FIFO nobody writes to)."""
+
+    def ring(signum, frame):
+        raise Hung("cola embed blocked for 60 s")
+
+    previous = signal.signal(signal.SIGALRM, ring)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "fifo-in-folder", "device"])
+def test_cola_embed_skips_a_named_path_that_is_not_a_regular_file_without_opening_it(
+    counting, tmp_path, monkeypatch, deadline, kind
+):
+    """A FIFO named on the command line would block the run on open; a device would be read as
+    audio. Named, either is skipped with its reason; inside a folder a FIFO is not listed."""
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    sf.write(folder / "a.wav", tone(1.5, 500.0), SR)
+    os.mkfifo(folder / "pipe.wav")
+    special = {"fifo": folder / "pipe.wav", "device": Path("/dev/null")}.get(kind)
+    real_digest = embed.digest.file_digest
+    opened: list[str] = []
+
+    def file_digest(path, algorithm):
+        opened.append(str(path))
+        return real_digest(path, algorithm)
+
+    monkeypatch.setattr(embed.digest, "file_digest", file_digest)
+    out = tmp_path / "emb.parquet"
+    named = [str(folder / "a.wav"), str(special)] if special else [str(folder)]
+    assert cli.main(["embed", *named, "--out", str(out)]) == 0
+    assert [p.rsplit("/", 1)[1] for p in pd.read_parquet(out)["path"]] == ["a.wav"]
+    skipped = pd.read_csv(tmp_path / "emb.parquet.skipped.csv")
+    if special:
+        assert list(skipped["path"]) == [special.as_posix()]
+        assert list(skipped["reason"]) == ["not a regular file (a FIFO, socket or device)"]
+    else:
+        assert skipped.empty
+    assert opened == [str(folder / "a.wav")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "audio",
+        "emb.parquet",
+        "emb.parquet.skipped.csv",
+    ]  # no temporary file left
+
+
+@pytest.mark.parametrize("windows", [False, True])
+@pytest.mark.parametrize("how", ["in-folder", "named"])
+def test_cola_embed_skips_a_file_whose_name_is_not_utf8(counting, tmp_path, how, windows):
+    """Parquet strings are UTF-8: such a name would abort the whole run in the writer. It is
+    skipped with its reason, its path written to the CSV with the odd byte escaped."""
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    sf.write(folder / "a.wav", tone(1.5, 500.0), SR)
+    sf.write(folder / "z.wav", tone(1.5, 900.0), SR)
+    odd = os.fsencode(folder) + b"/caf\xe9.wav"
+    try:
+        os.rename(os.fsencode(folder / "z.wav"), odd)
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    out = tmp_path / "emb.parquet"
+    named = [str(folder / "a.wav"), os.fsdecode(odd)] if how == "named" else [str(folder)]
+    argv = ["embed", *named, "--out", str(out)]
+    assert cli.main([*argv, "--windows"] if windows else argv) == 0
+    assert {p.rsplit("/", 1)[1] for p in pd.read_parquet(out)["path"]} == {"a.wav"}
+    skipped = pd.read_csv(tmp_path / "emb.parquet.skipped.csv")
+    assert list(skipped["path"]) == [f"{folder.as_posix()}/caf\\xe9.wav"]
+    assert list(skipped["reason"]) == ["file name is not valid UTF-8; rename it"]
+
+
+@pytest.mark.parametrize(
+    ("device", "cuda", "line"),
+    [
+        (
+            "cuda",
+            False,
+            "--device cuda: no CUDA device here (torch.cuda.is_available() is False); "
+            "use --device cpu",
+        ),
+        (
+            "cuda:1",
+            False,
+            "--device cuda:1: no CUDA device here (torch.cuda.is_available() is False); "
+            "use --device cpu",
+        ),
+        (
+            "cuda:3",
+            True,
+            "--device cuda:3: this machine has 1 CUDA device(s) (cuda:0 to cuda:0); use one of "
+            "them, or --device cpu",
+        ),
+        ("foo", False, "--device foo: not a device torch knows (cpu, cuda, cuda:1, ...)"),
+        ("cuda:x", False, "--device cuda:x: not a device torch knows (cpu, cuda, cuda:1, ...)"),
+        (
+            "mps",
+            False,
+            "--device mps: no MPS device here (torch.backends.mps.is_available() is False); "
+            "use --device cpu",
+        ),
+        ("meta", False, "--device meta: cannot embed on it; use cpu, cuda, cuda:1 or mps"),
+    ],
+)
+def test_cola_embed_device_torch_lacks_is_a_one_line_error(
+    encoder_file, tmp_path, monkeypatch, capsys, device, cuda, line
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: int(cuda))
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    sf.write(tmp_path / "a.wav", tone(1.5), SR)
+    out = tmp_path / "emb.parquet"
+    argv = ["embed", str(tmp_path / "a.wav"), "--encoder", str(encoder_file), "--out", str(out)]
+    assert cli.main([*argv, "--device", device]) == 1
+    err = capsys.readouterr().err
+    assert error_lines(err) == [f"cola embed: error: {line}"] and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav"]
+    with pytest.raises(BadInput) as caught:  # the library (and HEAR's load_model) path too
+        Embedder.load(encoder_file, device)
+    assert str(caught.value) == line
+
+
+def rewritten_encoder(source: Path, path: Path, **changes: str | None) -> Path:
+    """`source` with metadata keys changed (None: removed), as another version might write it."""
+    from safetensors.torch import load_file, save_file
+
+    meta = {**encoder_metadata(source), **changes}
+    save_file(load_file(source), path, metadata={k: v for k, v in meta.items() if v is not None})
+    return path
+
+
+def frontend_json(**changes) -> str:
+    return json.dumps({**FrontEnd().__dict__, **changes}, sort_keys=True)
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"frontend": frontend_json(preemphasis=0.97)}, "frontend key 'preemphasis' (value 0.97)"),
+        ({"frontend": frontend_json(n_mels="64")}, "frontend n_mels='64' is not of type int"),
+        (
+            {"frontend": frontend_json(log_floor=None)},
+            "frontend log_floor=None is not of type float",
+        ),
+        ({"frontend": "{not json"}, "frontend '{not json' is not JSON"),
+        ({"frontend": "[64, 400]"}, "frontend '[64, 400]' is not a JSON object"),
+        ({"crop_frames": "abc"}, "crop_frames 'abc' is not a whole number"),
+        ({"crop_frames": "0"}, "crop_frames '0' is not a positive number of frames"),
+        ({"crop_frames": "-98"}, "crop_frames '-98' is not a positive number of frames"),
+        ({"pooling": "mean"}, "pooling must be 'max' or 'avg', got 'mean'"),
+    ],
+)
+def test_encoder_metadata_from_another_version_is_a_one_line_error(
+    encoder_file, tmp_path, capsys, changes, words
+):
+    encoder = rewritten_encoder(encoder_file, tmp_path / "other.safetensors", **changes)
+    sf.write(tmp_path / "a.wav", tone(1.5), SR)
+    out = tmp_path / "emb.parquet"
+    argv = ["embed", str(tmp_path / "a.wav"), "--encoder", str(encoder), "--out", str(out)]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    [line] = error_lines(err)
+    assert "Traceback" not in err
+    assert line.startswith(f"cola embed: error: {encoder}: encoder metadata ") and words in line
+    assert "re-export it with this version's `cola pretrain`" in line
+    assert not out.exists()
+    with pytest.raises(BadInput, match="another version"):
+        hear.load_model(str(encoder))
+
+
+def test_encoder_metadata_with_fewer_frontend_keys_takes_the_defaults(encoder_file, tmp_path):
+    """A front-end recorded with fewer keys (an older version) is still read."""
+    short = json.dumps({"n_mels": 64, "sample_rate": 16000})
+    encoder = rewritten_encoder(encoder_file, tmp_path / "e.safetensors", frontend=short)
+    assert Embedder.load(encoder).frontend == FrontEnd()
+
+
+@pytest.mark.parametrize(
+    ("n", "sr", "kept", "samples"),
+    [
+        (10, SR, False, 10),
+        (160, SR, False, 160),  # 0.01 s
+        (399, SR, False, 399),
+        (1000, 44100, False, 363),  # 363 samples once resampled to 16 kHz
+        (199, 8000, False, 398),
+        (400, SR, True, None),  # one frame: padded, as any clip under 1 s
+        (1102, 44100, True, None),
+    ],
+)
+def test_cola_embed_skips_a_clip_shorter_than_one_analysis_frame(
+    counting, tmp_path, n, sr, kept, samples
+):
+    """Such a clip has no frame at all: its embedding would be pure padding, the same for all."""
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    sf.write(folder / "a.wav", tone(1.5, 500.0), SR)
+    sf.write(folder / "b-short.wav", tone(n / sr, 700.0, sr), sr)
+    out = tmp_path / "emb.parquet"
+    assert cli.main(["embed", str(folder), "--out", str(out)]) == 0
+    table = pd.read_parquet(out)
+    names = [p.rsplit("/", 1)[1] for p in table["path"]]
+    skipped = pd.read_csv(tmp_path / "emb.parquet.skipped.csv")
+    if kept:
+        assert names == ["a.wav", "b-short.wav"] and list(table["padded"]) == [False, True]
+        assert skipped.empty
+    else:
+        assert names == ["a.wav"]
+        assert list(skipped["reason"]) == [
+            f"too short for one analysis frame ({samples} samples at {SR} Hz; at least "
+            f"{FRAME} needed)"
+        ]
