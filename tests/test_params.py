@@ -2,6 +2,8 @@ import copy
 import errno
 import os
 import re
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -115,6 +117,34 @@ def test_a_type_error_in_a_shared_section_names_only_the_bad_value(
     assert message.count("\n  - ") == 1
 
 
+@pytest.mark.parametrize(
+    ("mangle", "expected"),
+    [
+        (
+            lambda text: text.replace("  lr: 1.0e-3\n", "  lr: 1.0e-3\n  lr: 3.0e-4\n", 1),
+            r"key 'lr' given twice \(lines \d+ and \d+\)",
+        ),
+        (lambda text: text + "report:\n  confidence: 0.9\n", r"key 'report' given twice"),
+        (lambda text: text.replace("  lr: 1.0e-3\n", "  lr: 1e-3\n", 1), r"write it with a dot"),
+    ],
+    ids=["key-twice", "section-twice", "1e-3-is-text"],
+)
+def test_a_key_given_twice_or_a_number_yaml_reads_as_text_is_named(tmp_path, mangle, expected):
+    """YAML keeps the last of a repeated key silently (the run trained with whichever `lr`
+    came last); `1e-3` is a string to YAML 1.1, which the schema refused without saying why."""
+    path = tmp_path / "params.yaml"
+    path.write_text(mangle((REPO / "params.yaml").read_text()))
+    with pytest.raises(params.ParamsError, match=expected):
+        params.load(path)
+
+
+def test_a_params_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(b"# caf\xe9\n" + (REPO / "params.yaml").read_bytes())
+    assert cli.main(["--params", str(path), "prepare", "--out", str(tmp_path / "m")]) == 2
+    assert "not UTF-8 text" in capsys.readouterr().err
+
+
 def test_unknown_key_is_named_with_the_known_ones(default_params):
     bad = copy.deepcopy(default_params)
     bad["features"]["n_mel"] = 64
@@ -214,8 +244,12 @@ def test_an_environment_failure_in_any_stage_is_one_line_naming_the_path(
     assert err.startswith(f"cola {stage}: error: {said}: {where}; ") and "\n" not in err
 
 
-@pytest.mark.parametrize("raised", [KeyboardInterrupt(), SIGTERMException()], ids=["int", "term"])
-def test_an_interrupted_stage_says_so_in_one_line_and_fails(tmp_path, capsys, monkeypatch, raised):
+@pytest.mark.parametrize(
+    ("raised", "code"), [(KeyboardInterrupt(), 130), (SIGTERMException(), 143)], ids=["int", "term"]
+)
+def test_an_interrupted_stage_says_so_in_one_line_and_fails(
+    tmp_path, capsys, monkeypatch, raised, code
+):
     """Lightning ends a fit on SIGTERM by raising SIGTERMException, a SystemExit without a code:
     the stage exited 0 without its outputs."""
     from cola_audio import prepare
@@ -225,8 +259,47 @@ def test_an_interrupted_stage_says_so_in_one_line_and_fails(tmp_path, capsys, mo
 
     monkeypatch.setattr(prepare, "run", interrupted)
     argv = ["--params", str(REPO / "params.yaml"), "prepare", "--out", str(tmp_path / "m")]
-    assert cli.main(argv) == 130
+    assert cli.main(argv) == code
     assert capsys.readouterr().err.strip().startswith("cola prepare: interrupted;")
+
+
+def test_sigterm_ends_a_stage_like_ctrl_c_leaving_no_temporary_file(tmp_path, capsys, monkeypatch):
+    """Python's default SIGTERM exits at once, so `atomic_path` left its temporary file (seen
+    with `cola embed`); it now unwinds as Ctrl-C does and exits 143 in one line."""
+    from cola_audio import fsutil, prepare
+
+    out = tmp_path / "m"
+
+    def killed_mid_write(*args, **kwargs):
+        with fsutil.atomic_path(out / "finetune.json") as tmp:
+            tmp.write_text("half")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the signal arrives first
+
+    monkeypatch.setattr(prepare, "run", killed_mid_write)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        code = cli.main(["--params", str(REPO / "params.yaml"), "prepare", "--out", str(out)])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 143
+    assert capsys.readouterr().err.strip().startswith("cola prepare: interrupted;")
+    assert list(out.iterdir()) == []
+
+
+def test_a_full_disk_without_a_path_names_what_the_stage_writes(tmp_path, capsys, monkeypatch):
+    """A write() on a full disk carries no file name; the stage's --out is named instead."""
+    from cola_audio import prepare
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(prepare, "run", full)
+    out = tmp_path / "meta"
+    assert cli.main(["--params", str(REPO / "params.yaml"), "prepare", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    said = f"no space left on device: while writing {out}; free space there and rerun"
+    assert err == f"cola prepare: error: {said}"
 
 
 def test_a_missing_file_inside_the_code_keeps_its_traceback(tmp_path, monkeypatch):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -228,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if threading.current_thread() is threading.main_thread():  # where Python allows handlers
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         needs_params = getattr(args, "needs_params", True)
         params = params_mod.load(args.params) if needs_params else {}
@@ -243,11 +247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cola {args.stage}: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # no space, no permission: the machine, named with the path
-        if (problem := environment_problem(exc)) is None:
+        if (problem := environment_problem(exc, getattr(args, "out", None))) is None:
             raise
         print(f"cola {args.stage}: error: {problem}", file=sys.stderr)
         return 1
-    except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C; Lightning's exit on SIGTERM
+    except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C, SIGTERM; Lightning's SIGTERM exit
         if type(exc) is SystemExit:
             raise  # an ordinary exit keeps its code
         print(
@@ -255,8 +259,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             "checkpoint when rerun",
             file=sys.stderr,
         )
-        return 130
+        return 143 if _by_sigterm(exc) else 130
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, Snakemake stopping its jobs) ends a stage as Ctrl-C does: the
+    `finally` blocks run, so no temporary file stays behind (Python's default just exits)."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _by_sigterm(exc: BaseException) -> bool:
+    """Ours, or Lightning's SIGTERMException (looked up, not imported: most stages never load
+    Lightning, and importing it costs seconds)."""
+    lightning = sys.modules.get("pytorch_lightning.utilities.exceptions")
+    return isinstance(exc, Terminated) or (
+        lightning is not None and isinstance(exc, lightning.SIGTERMException)
+    )
 
 
 def run_stage(name: str, args: argparse.Namespace, params: dict, argv: list[str]) -> None:

@@ -29,14 +29,18 @@ _ENVIRONMENT = {
     errno.EACCES: ("permission denied", "fix the permissions there and rerun"),
     errno.EPERM: ("operation not permitted", "fix the permissions there and rerun"),
     errno.EROFS: ("read-only file system", "run from a writable checkout"),
+    errno.EEXIST: ("a file is in the way of a folder", "move it or choose another path"),
+    errno.ENOTDIR: ("a file is in the way of a folder", "move it or choose another path"),
+    errno.EISDIR: ("a folder is in the way of a file", "move it or choose another path"),
 }
 
 
-def environment_problem(exc: BaseException) -> str | None:
-    """One line for an environment failure (no space, no permission) naming the path, or None
-    for any other error, which keeps its traceback."""
+def environment_problem(exc: BaseException, written: object = None) -> str | None:
+    """One line for an environment failure (no space, no permission, a file where a folder
+    goes) naming the path, or None for any other error, which keeps its traceback. `written`:
+    what the stage writes, named when the error carries no path (a write on a full disk)."""
     if not isinstance(exc, OSError) or exc.errno not in _ENVIRONMENT:
         return None
     what, fix = _ENVIRONMENT[exc.errno]
-    where = exc.filename or "a file this stage writes (the path was not reported)"
+    where = exc.filename or (f"while writing {written}" if written else "(path not reported)")
     return f"{what}: {where}; {fix}"
