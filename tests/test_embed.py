@@ -665,3 +665,18 @@ def test_cola_embed_skips_a_clip_shorter_than_one_analysis_frame(
             f"too short for one analysis frame ({samples} samples at {SR} Hz; at least "
             f"{FRAME} needed)"
         ]
+
+
+@pytest.mark.parametrize("samples", [0, 10, 399])
+def test_hear_refuses_sounds_shorter_than_one_analysis_frame(model, samples):
+    """Under 400 samples the front-end yields no frame: every such sound got the same embedding
+    of silence padding, silently."""
+    with pytest.raises(ValueError, match="shorter than one analysis frame"):
+        hear.get_timestamp_embeddings(torch.zeros(2, samples), model)
+    with pytest.raises(ValueError, match="shorter than one analysis frame"):
+        hear.get_scene_embeddings(torch.zeros(1, samples), model)
+
+
+def test_hear_embeds_a_sound_of_exactly_one_frame(model):
+    embeddings, _ = hear.get_timestamp_embeddings(torch.from_numpy(tone(400 / SR))[None], model)
+    assert embeddings.shape[0] == 1 and torch.isfinite(embeddings).all()

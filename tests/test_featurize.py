@@ -196,6 +196,34 @@ def test_an_unreadable_file_is_skipped_with_its_reason(
     assert result.features is None and result.reason.startswith("unreadable: permission denied")
 
 
+@pytest.mark.parametrize(
+    ("kept", "declared_size", "reason"),
+    [
+        (1 / 3, None, "truncated stream: the WAV header's data chunk declares"),
+        (0.5, None, "truncated stream: the WAV header's data chunk declares"),
+        (0.95, None, None),  # within features.min_decoded_fraction
+        (1 / 3, 0xFFFFFFFF, None),  # a streamed WAV: its size was never known
+    ],
+    ids=["third", "half", "95-percent", "streamed"],
+)
+def test_a_wav_cut_short_is_skipped_not_featurized_as_a_shorter_clip(
+    tmp_path, default_params, kept, declared_size, reason
+):
+    """libsndfile sizes a WAV by the bytes present: a 30 s file cut to its first third was
+    featurized as a complete 10 s clip. Its header's data chunk says how long it was."""
+    path = tmp_path / "cut.wav"
+    sf.write(path, np.sin(np.arange(30 * 16000, dtype=np.float32) / 10) * 0.1, 16000, "PCM_16")
+    data = bytearray(path.read_bytes())
+    if declared_size is not None:
+        struct.pack_into("<I", data, 40, declared_size)  # the data chunk's size field
+    path.write_bytes(bytes(data[: 44 + int((len(data) - 44) * kept)]))
+    result = featurize.featurize_file(1, str(path), default_params["features"])
+    if reason is None:
+        assert result.reason is None and result.features is not None
+    else:
+        assert result.features is None and result.reason.startswith(reason)
+
+
 def test_a_fifo_named_like_audio_is_skipped_without_being_opened(tmp_path, default_params):
     """Opening a FIFO blocks until a writer comes: the shard would hang."""
     fifo = tmp_path / "pipe.wav"

@@ -82,6 +82,26 @@ def plausible_header(rate: int, channels: int, frames: int) -> None:
         )
 
 
+def wav_shortfall(path: Path) -> tuple[int, int] | None:
+    """(declared, present) bytes of a RIFF/WAVE data chunk cut short, or None. libsndfile sizes
+    a WAV by the bytes it finds, so a file cut to a third decoded as a complete 10 s clip."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        offset = 12
+        while offset + 8 <= size:
+            fh.seek(offset)
+            chunk_id, length = fh.read(4), int.from_bytes(fh.read(4), "little")
+            if chunk_id == b"data":
+                present = size - offset - 8
+                unknown = length in (0, 0xFFFFFFFF)  # streamed: the writer never knew the size
+                return None if unknown or present >= length else (length, present)
+            offset += 8 + length + (length & 1)
+    return None
+
+
 def decode(path: Path) -> tuple[np.ndarray, int, int]:
     """(mono float32 waveform, sample rate, frames the header announces)."""
     with sf.SoundFile(path) as fh:
@@ -122,9 +142,14 @@ def check_audio(path: Path, features: dict[str, Any]) -> tuple[np.ndarray, int] 
     if path.stat().st_size == 0:
         return "empty file (0 bytes)"
     try:  # libsndfile reports a denied open as "System error."
-        path.open("rb").close()
+        short = wav_shortfall(path)
     except PermissionError:
         return UNREADABLE
+    if short and short[1] < features["min_decoded_fraction"] * short[0]:
+        return (
+            f"truncated stream: the WAV header's data chunk declares {short[0]} bytes, the file "
+            f"holds {short[1]} ({short[1] / short[0]:.0%})"
+        )
     try:
         wave, sr, header_frames = decode(path)
         plausible_header(sr, 1, len(wave))

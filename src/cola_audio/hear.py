@@ -85,6 +85,12 @@ def get_timestamp_embeddings(
     embedder = model.embedder
     hop, half = TIMESTAMP_HOP_FRAMES, embedder.crop_frames // 2
     frames = embedder.frontend.n_frames(audio.shape[1])
+    if len(audio) and frames == 0:
+        raise ValueError(
+            f"audio: sounds of {audio.shape[1]} samples are shorter than one analysis frame "
+            f"({embedder.frontend.frame_length} samples at {model.sample_rate} Hz), so their "
+            "embeddings would be the silence padding alone; pad the sounds or drop them"
+        )
     starts = [k * hop - half for k in range(max(1, math.ceil(frames / hop)))]  # may be < 0
     flat = np.empty((len(audio) * len(starts), EMBED_DIM), np.float32)
     done = 0
