@@ -269,7 +269,8 @@ def write_archive(tmp_path: Path, blob: bytes) -> Path:
         pytest.param(
             SUMS,
             {f"fma_small/extra/{i}.txt": b"x" for i in range(8)},
-            "8 member(s) are not in its checksums (extra/0.txt, extra/1.txt, extra/2.txt and 5",
+            "8 member(s) are not in its checksums ('extra/0.txt', 'extra/1.txt', 'extra/2.txt' "
+            "and 5",
             id="many-unlisted",
         ),
     ],
@@ -780,3 +781,36 @@ def test_members_zipfile_cannot_read_are_refused_in_one_line(tmp_path, blob, mes
     assert "\n" not in str(info.value) and str(archive) in str(info.value)
     assert not raw.exists() or not list(raw.iterdir())
     assert archive.is_file()
+
+
+@pytest.mark.parametrize(
+    ("members", "said"),
+    [
+        (
+            {"fma_small/000/000002.mp3 ": b"a"},
+            "member 'fma_small/000/000002.mp3 ' has a name beginning or ending in a space",
+        ),
+        (
+            {"fma_small/000": b"a", "fma_small/000/000002.mp3": b"b"},
+            "member 'fma_small/000' is a file and the folder of 'fma_small/000/000002.mp3'",
+        ),
+    ],
+    ids=["trailing-space", "file-and-folder"],
+)
+def test_a_member_no_file_system_can_hold_as_named_is_refused_before_writing(
+    tmp_path, members, said
+):
+    """A name with a trailing space was reported as both absent and unlisted (the two looked
+    identical); a member that is also another's folder failed while writing, with advice to
+    "fix that and rerun", which cannot help: the archive is at fault."""
+    files = {name.split("/", 1)[1]: data for name, data in members.items()}
+    archive = tmp_path / "fma_small.zip"
+    archive.write_bytes(
+        make_zip(
+            "fma_small", {}, checksums={n: sha1(d) for n, d in files.items()}, extra_members=members
+        )
+    )
+    with pytest.raises(download.UnsafeArchiveError) as info:
+        download.extract(archive, tmp_path / "raw")
+    assert said in str(info.value) and "nothing was written" in str(info.value)
+    assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())

@@ -258,7 +258,17 @@ def _members(zf: zipfile.ZipFile, archive: Path) -> tuple[str, dict[str, zipfile
         path = _safe_member(info, archive)
         if path in files:
             raise _refusal(archive, f"member {path.as_posix()!r} appears more than once")
+        if any(part != part.strip() for part in path.parts):
+            raise _refusal(
+                archive, f"member {info.filename!r} has a name beginning or ending in a space"
+            )
         files[path] = info
+    if clash := next((p for p in files for q in p.parents if q in files), None):
+        folder = next(q for q in clash.parents if q in files)
+        raise _refusal(
+            archive,
+            f"member {folder.as_posix()!r} is a file and the folder of {clash.as_posix()!r}",
+        )
     tops, expected = {p.parts[0] for p in files}, archive.name.removesuffix(".zip")
     if len(tops) != 1:
         raise DownloadError(f"{archive}: expected one top-level folder, found {sorted(tops)}")
@@ -350,10 +360,12 @@ def _check_listing(files: dict[str, zipfile.ZipInfo], sums: dict[str, str], arch
     absent = sorted(set(sums) - set(files))
     problems = [] if sums else ["its checksums file lists no files"]
     if absent:
+        absent = [repr(name) for name in absent]  # quoted: a stray space shows
         problems.append(f"{len(absent)} listed file(s) are absent from it ({_examples(absent)})")
     if unlisted:
         problems.append(
-            f"{len(unlisted)} member(s) are not in its checksums ({_examples(unlisted)})"
+            f"{len(unlisted)} member(s) are not in its checksums "
+            f"({_examples([repr(name) for name in unlisted])})"
         )
     if problems:
         raise ListingError(
