@@ -17,6 +17,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/finetune.smk"
+include: "workflow/rules/tasks.smk"
 include: "workflow/rules/report.smk"
 
 

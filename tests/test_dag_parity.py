@@ -84,7 +84,9 @@ def test_snakemake_holds_each_stages_params_as_one_keyed_mapping(both):
     smk, _ = both
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for name, stage in smk.items():
-        declared = STAGES[name.split("@")[0]].declared(params)
+        table = STAGES[name.split("@")[0]]
+        item = next(i for i in table.items(params) if table.addressing(i) == name)
+        declared = table.declared(params, item)
         assert stage["values"] == json.loads(json.dumps(declared)), name
 
 

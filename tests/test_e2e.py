@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -17,6 +18,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from dag import dvc_stages, snakemake_stages, with_downstream
@@ -88,9 +90,20 @@ def test_snakemake_builds_the_report_with_every_row(work):
         "**pretrained-finetune** is" in report
     )
     html = (repo / "reports" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 6  # results, curves, four confusion matrices
+    # results, pretraining curves, four confusion matrices, the tasks' learning curves
+    assert html.count("data:image/png;base64,") == 7
     results = json.loads((repo / "reports" / "results.json").read_text())
     assert len(results["rows"]) == 5 and len(results["comparisons"]) == 2
+    # every task: a row, its probes' gain (genre: and fine-tuning's), the average over tasks
+    tasks = yaml.safe_load((repo / "params.yaml").read_text())["tasks"]
+    assert [t["task"] for t in results["tasks"]["tasks"]] == list(tasks)
+    for name in tasks:
+        assert f"| {name} |" in report
+        assert f"- {name}: **pretrained probe**" in report
+    assert "- genre: **pretrained-finetune**" in report
+    assert "Average over the 3 tasks" in report
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    assert {f"{name}: pretrained probe gain" for name in tasks} < set(metrics)
     seeds = yaml.safe_load((repo / "params.yaml").read_text())["finetune"]["seeds"]
     assert all(r["seeds"] == len(seeds) for r in results["rows"][1:])
     for run in RUNS:
@@ -161,7 +174,7 @@ def _other_values(value, candidates: list, collide: bool) -> list:
             return [value[:-1], [*value, f"{value[-1]}-2"]]  # a run less, or one more
         return [value[:-1], [*value[:-1], value[-1] + 1], [*value, value[-1] + 1]]
     if isinstance(value, str):  # enum values: validation keeps the ones allowed for the key
-        return ["avg", "none", "constant", "cosine", "fma", "cpu", "ddp", "32", "medium", 1]
+        return ["avg", "none", "constant", "cosine", "fma", "cpu", "ddp", "32", "medium", "max", 1]
     return []
 
 
@@ -185,30 +198,33 @@ Edit = tuple[str, object, set[str], bool]
 def collision_edits(params: dict) -> dict[str, Edit]:
     """For every key any stage declares: (the leaf to edit, itself or a section's first leaf
     that can change; a new value Snakemake's schema check accepts, preferring one another
-    declared key of the stage holds; the stages declaring the key; whether the value collides)."""
+    declared key of the stage holds; the jobs declaring the leaf; whether the value collides)."""
     edits: dict[str, Edit] = {}
-    declaring: dict[str, set[str]] = {}
+    declaring: dict[str, set[str]] = {}  # key → the jobs (stage@item) declaring it
+    keys_of: dict[str, list[str]] = {}  # job → its declared keys (a task's own: tasks.<name>)
     for stage in STAGES.values():
-        for key in stage.keys(params):
-            declaring.setdefault(key, set()).add(stage.name)
-    for key, stages in declaring.items():
-        values = [
-            lv
-            for s in stages
-            for k in STAGES[s].keys(params)
-            for lv in _leaves(k, lookup(params, k))
-        ]
+        for item in stage.items(params):
+            job = stage.addressing(item)
+            keys_of[job] = stage.keys(params, item)
+            for key in keys_of[job]:
+                declaring.setdefault(key, set()).add(job)
+    for key, jobs in declaring.items():
+        values = [lv for j in jobs for k in keys_of[j] for lv in _leaves(k, lookup(params, k))]
         tries = [
             (leaf, new, collides)
             for collides in (True, False)  # a colliding value first, on any leaf of the key
             for leaf, value in _leaves(key, lookup(params, key))
             for new in _other_values(value, [v for lf, v in values if lf != leaf], collides)
         ]
-        edits[key] = next(
-            (leaf, new, stages, collides)
-            for leaf, new, collides in tries
-            if _valid(params, leaf, new)
+        leaf, new, collides = next(
+            (leaf, new, collides) for leaf, new, collides in tries if _valid(params, leaf, new)
         )
+        # every job declaring the edited leaf, itself or a section above it (`prepare` and
+        # `prepare.exclude_eval_from_pretrain` are two stages' keys for one leaf)
+        covering = {
+            j for j, ks in keys_of.items() if any(leaf == k or leaf.startswith(f"{k}.") for k in ks)
+        }
+        edits[key] = (leaf, new, covering, collides)
     return edits
 
 
@@ -223,16 +239,16 @@ def _valid(params: dict, leaf: str, new) -> bool:
 
 
 def rounds(edits: dict[str, Edit]) -> list[list[str]]:
-    """Keys grouped so that no stage has two of its keys edited in one round."""
+    """Keys grouped so that no job has two of its keys edited in one round."""
     out: list[tuple[set[str], list[str]]] = []
-    for key, (_, _, stages, _) in edits.items():
+    for key, (_, _, jobs, _) in edits.items():
         for busy, keys in out:
-            if not busy & stages:
-                busy |= stages
+            if not busy & jobs:
+                busy |= jobs
                 keys.append(key)
                 break
         else:
-            out.append((set(stages), [key]))
+            out.append((set(jobs), [key]))
     return [keys for _, keys in out]
 
 
@@ -297,12 +313,9 @@ def test_every_declared_key_edited_to_another_keys_value_reruns_its_stage_in_bot
                 leaf, new, _, _ = edits[key]
                 _set(params, leaf, new)
             write_params(repo, params)
-            expected = {
-                s.addressing(i)
-                for s in STAGES.values()
-                if s.name in set().union(*(edits[k][2] for k in keys))
-                for i in s.items(params)
-            } & before
+            now = {s.addressing(i) for s in STAGES.values() for i in s.items(params)}
+            # jobs of the edit's params only: a seed or shard list edit may remove some
+            expected = set().union(*(edits[k][2] for k in keys)) & before & now
             summary = subprocess.Popen(
                 ["snakemake", "--summary"], cwd=repo, stdout=subprocess.PIPE, text=True
             )
@@ -433,6 +446,70 @@ def test_finetune_lr_reruns_only_the_fine_tuning_runs_and_report(work):
     after = json.loads(metrics.read_text())  # retrained from scratch, not a resumed old run
     assert after["run_identity"] != before["run_identity"]
     assert after["steps"] == before["steps"]
+
+
+def labelled_folder(root: Path, leaked: Path) -> Path:
+    """Two classes of tones in WAV, split by a labels CSV; one test clip of class `high` is a
+    copy of `leaked` (a pretraining clip) under another name."""
+    import numpy as np
+    import soundfile as sf
+
+    rows = ["path,label,split"]
+    rng = np.random.default_rng(5)
+    for label, base in (("low", 300.0), ("high", 2400.0)):
+        for k, split in enumerate(["train"] * 5 + ["val"] * 2 + ["test"] * 2):
+            t = np.arange(16000) / 16000
+            wave = 0.5 * np.sin(2 * np.pi * base * rng.uniform(0.8, 1.2) * t)
+            (root / label).mkdir(parents=True, exist_ok=True)
+            sf.write(root / label / f"{k}.wav", wave.astype(np.float32), 16000)
+            rows.append(f"{label}/{k}.wav,{label},{split}")
+    shutil.copy(leaked, root / "high" / "renamed.mp3")
+    rows.append("high/renamed.mp3,high,test")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_a_folder_task_runs_only_its_jobs_and_keeps_its_eval_audio_out_of_pretraining(
+    work, tmp_path
+):
+    """Issue 19: pretraining stays on the synthetic corpus; a labelled folder added under `tasks`
+    schedules only its own jobs and the report in both tools, the report lists it, dvc status
+    ends clean, and no validation/test clip of it holds the bytes of any pretraining clip, even
+    one copied into it under another name. Removing the task reruns only the report."""
+    repo = work["repo"]
+    pretraining = json.loads((repo / "data/meta/pretrain.json").read_text())["tracks"]
+    leaked = repo / pretraining[0]["audio"]
+    folder = labelled_folder(tmp_path / "mine", leaked)
+    task = {
+        "source": "folder",
+        "demo": None,
+        "demo_clips_per_class": 12,
+        "path": str(folder),
+        "labels_csv": str(folder / "labels.csv"),
+        "group_pattern": None,
+        "val_fraction": 0.2,
+        "test_fraction": 0.2,
+        "split_seed": 0,
+        "min_seconds": 0.1,
+    }
+    own = {f"{s}@mine" for s in ("task_data", "embed_pretrained", "embed_random", "probe")}
+    with edited_params(repo, lambda p: p["tasks"].__setitem__("mine", task)):
+        assert set(snakemake_stages(repo, forceall=False)) == own | {"report"}
+        assert dvc_changed(repo) == own | {"report"}
+        sh("snakemake --cores 2", repo)
+        assert dvc_changed(repo) == set()
+        clips = pd.read_csv(repo / "data/tasks/mine/data/clips.csv", dtype=str)
+        excluded = pd.read_csv(repo / "data/tasks/mine/data/excluded.csv", dtype=str)
+        assert [Path(p).name for p in excluded["path"]] == ["renamed.mp3"]
+        seen = {digest.file_digest(repo / t["audio"], "sha1") for t in pretraining}
+        held_out = clips[clips["split"].isin(["val", "test"])]
+        assert len(held_out) == 8
+        assert not {digest.file_digest(p, "sha1") for p in held_out["path"]} & seen
+        assert "| mine | 2 | 10/4/4 |" in (repo / "reports/report.md").read_text()
+    assert set(snakemake_stages(repo, forceall=False)) == {"report"}
+    assert dvc_changed(repo) == {"report"}
+    sh("snakemake --cores 2", repo)
+    assert dvc_changed(repo) == set()
 
 
 def test_after_dvc_repro_snakemake_has_nothing_to_do(work):

@@ -99,15 +99,37 @@ def test_report_renders_to_markdown_and_a_self_contained_html_page(tmp_path):
             "skipped": skipped,
             "hashes": {"data/features/index.csv": "d41d8cd9"},
         },
+        "probe": {"label_fractions": [0.1, 1.0], "seeds": [0, 1], "pooling": "mean"},
+        "tasks": {
+            "tasks": [
+                {
+                    "task": "genre",
+                    "classes": 8,
+                    "split_counts": {"train": 40, "val": 20, "test": 20},
+                    "excluded": 1,
+                    "skipped": 2,
+                    "cells": {"pretrained probe": summaries["scratch-finetune"]},
+                }
+            ],
+            "gains": [],
+            "average_probe_gain": {
+                "difference": 0.1,
+                "ci_low": 0.05,
+                "ci_high": 0.2,
+                "verdict": "better",
+            },
+        },
     }
     markdown = report.render_markdown(table, context)
+    assert "| genre | 8 | 40/20/20 | 50.0 ± 2.0 % [40.0, 60.0] |" in markdown
+    assert "genre 1 (validation/test audio pretraining saw, by SHA1) and 2" in markdown
     assert "| scratch encoder, finetune | scratch-finetune | 50.0 ± 2.0 % | [40.0, 60.0] |" in (
         markdown
     )
     figures = tmp_path / "figures"
     figures.mkdir()
     png = b"\x89PNG\r\n\x1a\n" + b"0" * 16
-    for name in ("results", "pretrain_curves", "confusion_scratch-finetune"):
+    for name in ("results", "pretrain_curves", "confusion_scratch-finetune", "learning_curves"):
         (figures / f"{name}.png").write_bytes(png)
     tree = _Tree()
     tree.feed(report.render_html(markdown, figures))
@@ -116,8 +138,9 @@ def test_report_renders_to_markdown_and_a_self_contained_html_page(tmp_path):
     nested = [1 for parent, tag in tree.pairs if parent == "li" and tag == "ul"]
     assert len(nested) == 3  # reasons under "skipped", files under each reason
     rows = [1 for parent, tag in tree.pairs if parent in ("tbody", "thead") and tag == "tr"]
-    assert len(rows) == (1 + 2) + (1 + 1)  # header, random, scratch-finetune; header, artifact
-    assert len(tree.images) == 3
+    # header, random, scratch-finetune; header, genre; header, artifact
+    assert len(rows) == (1 + 2) + (1 + 1) + (1 + 1)
+    assert len(tree.images) == 4
     assert all(base64.b64decode(src.split(",", 1)[1]) == png for src in tree.images)
     assert all(src.startswith("data:image/png;base64,") for src in tree.images)
 
@@ -213,13 +236,13 @@ def test_a_param_edit_alone_restores_but_leaves_snakemakes_records_alone(
     calls = []
     monkeypatch.setattr(sync, "run", lambda source, repo, adopt_rules: calls.append(adopt_rules))
     monkeypatch.delenv("COLA_DVC_SYNC", raising=False)
-    sync.before_planning("synthetic", True, tmp_path)
+    sync.before_planning(set(), True, tmp_path)
     assert calls == []  # nothing changed: milliseconds, no DVC
     (tmp_path / edit).write_text("edited")
-    sync.before_planning("synthetic", False, tmp_path)
+    sync.before_planning(set(), False, tmp_path)
     assert calls == []  # a dry run never syncs
-    sync.before_planning("synthetic", True, tmp_path)
+    sync.before_planning(set(), True, tmp_path)
     assert calls == [adopts]
     monkeypatch.setenv("COLA_DVC_SYNC", "off")
-    sync.before_planning("synthetic", True, tmp_path)
+    sync.before_planning(set(), True, tmp_path)
     assert calls == [adopts]

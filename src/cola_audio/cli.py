@@ -64,6 +64,24 @@ def _finetune(args: argparse.Namespace, params: dict) -> None:
     )
 
 
+def _task_data(args: argparse.Namespace, params: dict) -> None:
+    from cola_audio import tasks
+
+    tasks.run(params, args.task, raw=args.raw, meta_dir=args.meta, out=args.out)
+
+
+def _task_embed(args: argparse.Namespace, params: dict) -> None:
+    from cola_audio import task_embed
+
+    task_embed.embed_task(params, args.task, args.init, args.data, args.out, args.encoder)
+
+
+def _probe(args: argparse.Namespace, params: dict) -> None:
+    from cola_audio import probe
+
+    probe.probe_task(params, args.task, args.data, args.embeddings, args.out)
+
+
 def _report(args: argparse.Namespace, params: dict) -> None:
     from cola_audio import report
 
@@ -92,11 +110,12 @@ def _positive_int(text: str) -> int:
 
 def _sync_dvc(args: argparse.Namespace, params: dict) -> None:
     from cola_audio import sync
+    from cola_audio.stages import unwatched_by_dvc
 
     why_not = sync.blocked(Path("."))
     if why_not is not None:
         raise InputError(f"cola sync-dvc: not run: {why_not}")
-    sync.run(params["data"]["source"])
+    sync.run(unwatched_by_dvc(params))
 
 
 def _dvc_commit(args: argparse.Namespace, params: dict) -> None:
@@ -126,6 +145,10 @@ def stage_name(args: argparse.Namespace) -> str | None:
         return "featurize_gather" if args.gather else "featurize_shard"
     if args.stage == "finetune":
         return f"{args.mode}_{'scratch' if args.encoder is None else 'pretrained'}"
+    if args.stage == "task-embed":
+        return f"embed_{args.init}"
+    if args.stage == "task-data":
+        return "task_data"
     return args.stage if args.stage in STAGES else None
 
 
@@ -181,6 +204,30 @@ def _add_stages(sub: Any) -> None:
     )
     p.add_argument("--out", type=Path, default=Path("models/finetune"))
     p.set_defaults(func=_finetune)
+
+    p = sub.add_parser(
+        "task-data", help="one downstream task's clips, split, kept out of pretraining"
+    )
+    p.add_argument("--task", required=True, help="a name under `tasks` in the params")
+    p.add_argument("--raw", type=Path, default=Path("data/raw"))
+    p.add_argument("--meta", type=Path, default=Path("data/meta"))
+    p.add_argument("--out", type=Path, required=True, help="e.g. data/tasks/<task>/data")
+    p.set_defaults(func=_task_data)
+
+    p = sub.add_parser("task-embed", help="one vector per clip of a task, from one encoder")
+    p.add_argument("--task", required=True)
+    p.add_argument("--init", required=True, choices=["pretrained", "random"])
+    p.add_argument("--data", type=Path, required=True, help="the task's `cola task-data` folder")
+    p.add_argument("--encoder", type=Path, help="the pretrained encoder (--init pretrained)")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_task_embed)
+
+    p = sub.add_parser("probe", help="linear probes on a task's embeddings, per label fraction")
+    p.add_argument("--task", required=True)
+    p.add_argument("--data", type=Path, required=True, help="the task's `cola task-data` folder")
+    p.add_argument("--embeddings", type=Path, required=True, help="holds pretrained/ and random/")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_probe)
 
     p = sub.add_parser("report", help="results table, curves, confusion matrices, provenance")
     p.add_argument("--models", type=Path, default=Path("models"))
@@ -291,14 +338,19 @@ def run_stage(name: str, args: argparse.Namespace, params: dict, argv: list[str]
     _refuse_unlisted(stage, args, params)
     job = stages.by_command(argv, params)
     if job is None:
-        args.func(args, stage.readable(params))
+        given = {
+            w: str(getattr(args, w)) for w in stage.matrix if getattr(args, w, None) is not None
+        }
+        args.func(args, stage.readable(params, given))
         return
     stage, item = job
-    deps = [*stage.code(), *stage.dvc_deps()]
+    deps = [stages.fill(d, item) for d in [*stage.code(), *stage.dvc_deps()]]
     started = buildrecord.state(deps)
-    args.func(args, stage.readable(params))
+    args.func(args, stage.readable(params, item))
     outs = [stages.fill(o.path, item) for o in stage.outs.values()]
-    if not buildrecord.write(stage.addressing(item), stage.declared(params), started, deps, outs):
+    if not buildrecord.write(
+        stage.addressing(item), stage.declared(params, item), started, deps, outs
+    ):
         log.warning(
             "%s: an input changed while it ran; not recorded as built, so `cola dvc-commit` "
             "will not commit it (rerun it)",

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from cola_audio import buildrecord, sync
-from cola_audio.stages import lookup
+from cola_audio.stages import lookup, unwatched_by_dvc
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ def run(repo: Path = Path(".")) -> int:
     repo = Path(repo)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     committed, kept = [], []
+    unwatched = unwatched_by_dvc(params)
     with Repo(str(repo)) as dvc_repo, lock_repo(dvc_repo):
         dag = sync.Pipeline(dvc_repo)
         for stage in dag.stages:
@@ -82,7 +83,7 @@ def run(repo: Path = Path(".")) -> int:
                 continue
             times = snapshot([repo / o for o in outs])
             # DVC's run cache keys a run by its deps; a folder source's audio is none of them
-            run_cache = not (stage.name == "download" and params["data"]["source"] == "folder")
+            run_cache = stage.name not in unwatched
             try:
                 stage.save(run_cache=run_cache)
                 stage.commit()

@@ -46,7 +46,7 @@ def stage_entry(stage: Stage) -> dict[str, Any]:
     if stage.matrix:
         entry["matrix"] = {w: "${" + key + "}" for w, key in stage.matrix.items()}
     entry["cmd"] = _dvc_template(stage.command())
-    entry["deps"] = [*stage.code(), *stage.dvc_deps()]
+    entry["deps"] = [*stage.code(), *(_dvc_template(d) for d in stage.dvc_deps())]
     entry["params"] = list(stage.params)
     for kind in ("outs", "metrics", "plots"):
         outs = [o for o in stage.outs.values() if o.dvc == kind]

@@ -220,7 +220,43 @@ def _data_and_run_problems(params: dict[str, Any]) -> list[str]:
             f"pretrain.batch_size = {params['pretrain']['batch_size']}: a contrastive batch "
             "needs at least 2 clips (the others are each clip's negatives)"
         )
-    return problems + _comparison_problems(params["report"]["comparisons"], names)
+    return (
+        problems
+        + _comparison_problems(params["report"]["comparisons"], names)
+        + _task_problems(params["tasks"], params["probe"])
+    )
+
+
+def _task_problems(tasks: dict[str, Any], probe: dict[str, Any]) -> list[str]:
+    """Task names are strings; a folder task needs audio (a demo, or a path: class subfolders,
+    or the folder its labels CSV's paths are relative to) and a group pattern that compiles; the
+    report's table and gains use the probes fitted on all labels."""
+    problems = []
+    if 1.0 not in probe["label_fractions"]:
+        problems.append(
+            f"probe.label_fractions = {probe['label_fractions']} lacks 1.0: the report's table "
+            "and gains are the probes fitted on all training labels"
+        )
+    for name, task in tasks.items():
+        if not isinstance(name, str):
+            problems.append(f"tasks: the name {name!r} must be a string (quote it in YAML)")
+            continue
+        if task["source"] != "folder":
+            continue
+        if task["demo"] is None and task["path"] is None:
+            problems.append(
+                f"tasks.{name}: no audio: set demo (sounds, pitch, timbre) or path (a folder of "
+                "class subfolders, or the folder labels_csv's paths are relative to)"
+            )
+        if (pattern := task["group_pattern"]) is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                problems.append(
+                    f"tasks.{name}.group_pattern = {pattern!r} is not a valid regular "
+                    f"expression ({exc})"
+                )
+    return problems
 
 
 def _comparison_problems(comparisons: list[list[str]], names: list[str]) -> list[str]:

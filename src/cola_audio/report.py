@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from markdown_it import MarkdownIt  # noqa: E402
 
-from cola_audio import digest, fsutil, meta, stats  # noqa: E402
+from cola_audio import digest, fsutil, meta, stats, task_report  # noqa: E402
 from cola_audio.errors import BadInput  # noqa: E402
 from cola_audio.params import finetune_runs  # noqa: E402
 from cola_audio.store import FeatureStore  # noqa: E402
@@ -111,6 +111,37 @@ def headline_metrics(diffs: list[dict[str, Any]]) -> dict[str, float]:
         )
         for d in diffs
     }
+
+
+def task_section(
+    params: dict[str, Any],
+    scored: dict[str, stats.Scored],
+    boot: dict[str, Any],
+    models: Path,
+    figures: Path,
+) -> dict[str, Any]:
+    """Every task's probes (and, for the release's task, its fine-tuning runs) summarised, and
+    the label-efficiency curves drawn."""
+    probes = {name: task_report.load_probes(models / "probe" / name) for name in params["tasks"]}
+    finetuned = {
+        name: scored for name, task in params["tasks"].items() if task["source"] == "release"
+    }
+    tasks = task_report.summarise(probes, finetuned, boot)
+    task_report.plot_learning_curves(tasks["curves"], figures / "learning_curves.png")
+    return tasks
+
+
+def task_metrics(tasks: dict[str, Any]) -> dict[str, float]:
+    """Pure: each task's gains and the average probe gain, in accuracy points, for DVC."""
+    metrics = {
+        f"{g['task']}: pretrained probe gain": round(100 * g["difference"], 2)
+        for g in tasks["gains"]
+        if g["a"] == "pretrained probe"
+    }
+    metrics["average pretrained probe gain"] = round(
+        100 * tasks["average_probe_gain"]["difference"], 2
+    )
+    return metrics
 
 
 def plot_results(
@@ -232,6 +263,44 @@ def comparison_sentence(d: dict[str, Any], confidence: float) -> str:
     return f"**{d['a']}** is {d['verdict']} than **{d['b']}** ({span})."
 
 
+def task_tables(tasks: dict[str, Any], confidence: float) -> dict[str, Any]:
+    """Pure: the tasks section's cells and sentences, formatted: a task × run table (— where a
+    run is not made for a task), each paired gain in words that follow its interval, the
+    average probe gain over tasks."""
+    runs = list(dict.fromkeys(run for t in tasks["tasks"] for run in t["cells"]))
+    rows = []
+    for t in tasks["tasks"]:
+        cells = []
+        for run in runs:
+            c = t["cells"].get(run)
+            cells.append(
+                "—"
+                if c is None
+                else f"{_mean_std(c['accuracy_mean'], c['accuracy_std'])} "
+                f"{_ci(c['accuracy_ci_low'], c['accuracy_ci_high'])}"
+            )
+        counts = t["split_counts"]
+        rows.append(
+            {
+                "task": t["task"],
+                "classes": t["classes"],
+                "split": f"{counts['train']}/{counts['val']}/{counts['test']}",
+                "cells": cells,
+                "excluded": t["excluded"],
+                "skipped": t["skipped"],
+            }
+        )
+    gains = [f"{g['task']}: " + comparison_sentence(g, confidence) for g in tasks["gains"]]
+    average = {"a": "pretrained probe", "b": "random-init probe", **tasks["average_probe_gain"]}
+    return {
+        "runs": runs,
+        "rows": rows,
+        "gains": gains,
+        "average": comparison_sentence(average, confidence),
+        "n_tasks": len(rows),
+    }
+
+
 TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("cola_audio", "templates"),
     undefined=jinja2.StrictUndefined,
@@ -271,6 +340,8 @@ def render_markdown(table: pd.DataFrame, context: dict[str, Any]) -> str:
         conf=f"{context['confidence']:.0%}",
         rows=rows,
         comparisons=[comparison_sentence(d, context["confidence"]) for d in context["comparisons"]],
+        tasks=task_tables(context["tasks"], context["confidence"]),
+        probe=context["probe"],
         params_hash=prov["params_hash"],
         features=prov["features"],
         skipped=skipped,
@@ -321,7 +392,9 @@ def run(
     for name, s in scored.items():
         confusion = sum(stats.confusion_matrix(s.labels, p, len(genres)) for p in s.preds)
         plot_confusion(confusion.tolist(), genres, name, figures / f"confusion_{name}.png")
+    tasks = task_section(params, scored, boot, Path(models), figures)
     context = _context(params, list(specs), seeds, boot, diffs, Path(features), Path(models))
+    context["tasks"] = tasks
     markdown = render_markdown(table, context)
     fsutil.write_text(out_dir / "report.md", markdown)
     fsutil.write_text(out_dir / "report.html", render_html(markdown, figures))
@@ -330,11 +403,12 @@ def run(
         {
             "rows": json.loads(table.to_json(orient="records")),
             "comparisons": diffs,
+            "tasks": tasks,
             "source": context["source"],
             "provenance": context["provenance"],
         },
     )
-    fsutil.write_json(out_dir / "metrics.json", headline_metrics(diffs))
+    fsutil.write_json(out_dir / "metrics.json", headline_metrics(diffs) | task_metrics(tasks))
     log.info("report written to %s", out_dir / "report.html")
     return markdown
 
@@ -360,6 +434,7 @@ def _context(
         "n_resamples": boot["n"],
         "comparisons": diffs,
         "pretrain_line": pretrain_line(fsutil.read_json(models / "pretrain" / "summary.json")),
+        "probe": {k: params["probe"][k] for k in ("label_fractions", "seeds", "pooling")},
         "provenance": provenance(params, features, models),
         "padded": int((pd.read_csv(features / "index.csv")["frames"] < crop).sum()),
     }

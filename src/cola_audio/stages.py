@@ -8,8 +8,9 @@ the params it may read (its declared keys plus its speed knobs, nothing else: a 
 without declaring it is a KeyError in every test that runs it) and what it records of each build
 (buildrecord.py), so the same facts serve both tools, the job and the bookkeeping.
 
-Paths may hold the wildcards {shard}, {run} and {seed}; a param key may hold ${data.source}, which
-DVC resolves from params.yaml as Snakemake does from its config.
+Paths may hold the wildcards {shard}, {run}, {seed} and {task}; a param key may hold
+${data.source}, which DVC resolves from params.yaml as Snakemake does from its config, and
+${item.task}, a job's own wildcard (DVC's matrix item).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ Params = dict[str, Any]
 
 RAW, META, FEATURES, SHARDS = "data/raw", "data/meta", "data/features", "data/features/shards"
 PRETRAIN, FINETUNE, REPORTS = "models/pretrain", "models/finetune", "reports"
+TASK, PROBES = "data/tasks/{task}", "models/probe"
 ENCODER = f"{PRETRAIN}/encoder.safetensors"
 CLI = "cola --params params.yaml"
 
@@ -72,18 +74,24 @@ class Stage:
     def code(self) -> list[str]:
         return codedeps.closure(self.entry)
 
-    def keys(self, params: Params) -> list[str]:
-        """The declared keys, with ${...} resolved from params."""
-        return [_resolve_key(k, params) for k in self.params]
+    def keys(self, params: Params, item: dict[str, str] | None = None) -> list[str]:
+        """The declared keys, with ${...} resolved from params and ${item.w} from one job's
+        wildcards (a key naming a wildcard the job does not give is left out)."""
+        item = item or {}
+        return [
+            _resolve_key(k, params, item)
+            for k in self.params
+            if all(w in item for w in re.findall(r"\$\{item\.(\w+)\}", k))
+        ]
 
-    def declared(self, params: Params) -> dict[str, Any]:
+    def declared(self, params: Params, item: dict[str, str] | None = None) -> dict[str, Any]:
         """key → value for every declared key: what both tools compare, key by key."""
-        return {k: lookup(params, k) for k in self.keys(params)}
+        return {k: lookup(params, k) for k in self.keys(params, item)}
 
-    def readable(self, params: Params) -> Params:
+    def readable(self, params: Params, item: dict[str, str] | None = None) -> Params:
         """The params `cola <stage>` runs with: its declared keys and speed knobs only."""
         view: Params = Declared(self.name, "")
-        for key in [*self.keys(params), *self.speed]:
+        for key in [*self.keys(params, item), *self.speed]:
             _place(view, key, lookup(params, key))
         return view
 
@@ -148,7 +156,10 @@ def _place(view: Declared, key: str, value: Any) -> None:
     view[last] = value
 
 
-def _resolve_key(key: str, params: Params) -> str:
+def _resolve_key(key: str, params: Params, item: dict[str, str] | None = None) -> str:
+    """${item.w} from the job's wildcards (DVC's matrix item), any other ${a.b} from params."""
+    item = item or {}
+    key = re.sub(r"\$\{item\.(\w+)\}", lambda m: item[m.group(1)], key)
     return re.sub(r"\$\{([^}]+)\}", lambda m: str(lookup(params, m.group(1))), key)
 
 
@@ -247,6 +258,51 @@ def training_stages() -> list[Stage]:
 
 
 FEATURES_KEYS = section_keys("features", ("workers",))
+# The log-mel front-end's keys: what the random-init encoder's features depend on (the rest say
+# which clips are kept and how the store is cut)
+FRONT_END = section_keys(
+    "features",
+    ("workers", "shards", "min_seconds", "min_decoded_fraction", "max_skipped_fraction"),
+)
+# What embedding a task's clips reads of the probe section (the probes' own keys are the probe
+# stage's): how many threads sum, how many windows a batch holds (BatchNorm statistics of the
+# random encoder are batch means)
+EMBED_KEYS = ("tasks.${item.task}", "probe.batch_size", "probe.threads")
+
+
+def embed_stage(init: str) -> Stage:
+    """One vector per clip of a task from the pretrained or the random-init encoder: one stage
+    per encoder, because only the pretrained one depends on `cola pretrain`."""
+    pretrained = init == "pretrained"
+    random_keys = (
+        *FRONT_END,
+        "pretrain.crop_frames",
+        "pretrain.pooling",
+        "pretrain.input_norm",
+        "probe.random_init_seed",
+        "probe.precise_bn_batches",
+    )
+    return Stage(
+        name=f"embed_{init}",
+        entry="task_embed",
+        cmd=f"task-embed --task {{task}} --init {init} --data {TASK}/data"
+        + (f" --encoder {ENCODER}" if pretrained else "")
+        + f" --out {TASK}/embeddings/{init}",
+        deps={"data": f"{TASK}/data", **({"encoder": ENCODER} if pretrained else {})},
+        outs={"embeddings": Out(f"{TASK}/embeddings/{init}", folder=True)},
+        params=EMBED_KEYS + (() if pretrained else random_keys),
+        matrix={"task": "tasks"},
+        summary=f"a vector per clip of each task from the {init} encoder",
+    )
+
+
+def probe_outputs(params: Params) -> list[str]:
+    return [
+        f"{PROBES}/{t}/{name}"
+        for t in params["tasks"]
+        for name in ("scores.json", "predictions.csv")
+    ]
+
 
 STAGES: dict[str, Stage] = {
     s.name: s
@@ -326,12 +382,47 @@ STAGES: dict[str, Stage] = {
         ),
         *training_stages(),
         Stage(
+            name="task_data",
+            entry="tasks",
+            cmd=f"task-data --task {{task}} --raw {RAW} --meta {META} --out {TASK}/data",
+            deps={
+                "raw": RAW,
+                "finetune": f"{META}/finetune.json",
+                "pretrain": f"{META}/pretrain.json",
+            },
+            outs={"data": Out(f"{TASK}/data", folder=True)},
+            params=("data.source", "prepare.exclude_eval_from_pretrain", "tasks.${item.task}"),
+            matrix={"task": "tasks"},
+            summary="one downstream task's clips and split; audio pretraining saw left out",
+        ),
+        embed_stage("pretrained"),
+        embed_stage("random"),
+        Stage(
+            name="probe",
+            entry="probe",
+            cmd=f"probe --task {{task}} --data {TASK}/data --embeddings {TASK}/embeddings "
+            f"--out {PROBES}/{{task}}",
+            deps={
+                "data": f"{TASK}/data",
+                "pretrained": f"{TASK}/embeddings/pretrained",
+                "random": f"{TASK}/embeddings/random",
+            },
+            outs={
+                "scores": Out(f"{PROBES}/{{task}}/scores.json"),
+                "predictions": Out(f"{PROBES}/{{task}}/predictions.csv"),
+            },
+            params=("probe.pooling", "probe.label_fractions", "probe.seeds", "probe.C_grid"),
+            matrix={"task": "tasks"},
+            summary="linear probes per encoder × label fraction × seed on a task's embeddings",
+        ),
+        Stage(
             name="report",
             entry="report",
             cmd=f"report --models models --features {FEATURES} --meta {META} --out {REPORTS}",
             deps={
                 "templates": Folder(TEMPLATES, template_files),  # Jinja2 may include any
                 "runs": Folder(FINETUNE, run_outputs),
+                "probes": Folder(PROBES, probe_outputs),
                 "shards": Folder(SHARDS, shard_files),  # the provenance table lists their md5s
                 "index": f"{FEATURES}/index.csv",
                 "features": f"{FEATURES}/summary.json",
@@ -351,6 +442,10 @@ STAGES: dict[str, Stage] = {
             # what the report reads; upstream params are traced by each run's identity
             params=(
                 "report",
+                "tasks",
+                "probe.pooling",
+                "probe.label_fractions",
+                "probe.seeds",
                 "finetune.runs",
                 "finetune.seeds",
                 "finetune.crop_frames",
@@ -378,6 +473,18 @@ def by_command(argv: list[str], params: Params) -> tuple[Stage, dict[str, str]] 
 def all_outputs(params: Params) -> list[str]:
     """Every job's outputs: what `rule all` asks for (a missing intermediate is rebuilt)."""
     return [p for s in STAGES.values() for item in s.items(params) for p in s.out_paths(item)]
+
+
+def unwatched_by_dvc(params: Params) -> set[str]:
+    """Jobs reading files outside the repository, which only Snakemake fingerprints (a folder
+    source's audio, a folder task's): the sync never restores or adopts them from DVC, and
+    `cola dvc-commit` puts no DVC run-cache entry for them (its key would miss those files)."""
+    jobs = {"download"} if params["data"]["source"] == "folder" else set()
+    return jobs | {
+        f"task_data@{name}"
+        for name, task in params["tasks"].items()
+        if task["source"] == "folder" and not task["demo"]
+    }
 
 
 def repo_root() -> Path:

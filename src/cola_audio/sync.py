@@ -20,8 +20,9 @@ output, dvc.lock or metadata and only says that a real run would sync first:
    later edit of any param still reruns what depends on it (touch without --forcerun skips jobs
    whose outputs look newer than their inputs and leaves them without metadata). Outputs
    Snakemake already holds up to date keep their mtimes, so work it finished is never redone.
-   With `data.source: folder`, download is never restored or adopted: only Snakemake sees the
-   folder's files (a fingerprint param), DVC does not.
+   Jobs reading files outside the repository (download with `data.source: folder`, task_data of
+   a folder task) are never restored or adopted: only Snakemake sees those files (a fingerprint
+   param), DVC does not (stages.unwatched_by_dvc).
 
 In one sentence: after a sync, Snakemake treats as done exactly the stages whose outputs DVC has
 verified against their current code, inputs and params.
@@ -119,10 +120,10 @@ def blocked(repo: Path) -> str | None:
     return None
 
 
-def before_planning(data_source: str, real_run: bool, repo: Path = Path(".")) -> None:
+def before_planning(unwatched: set[str], real_run: bool, repo: Path = Path(".")) -> None:
     """The Snakefile's hook: sync when DVC is in use here and something changed since last time,
-    in a real run only. `data_source` is data.source from the config Snakemake already read and
-    validated."""
+    in a real run only. `unwatched` are the jobs DVC cannot vouch for (stages.unwatched_by_dvc of
+    the config Snakemake already read and validated)."""
     repo = Path(repo)
     why_not = blocked(repo)
     if why_not is not None:
@@ -141,7 +142,7 @@ def before_planning(data_source: str, real_run: bool, repo: Path = Path(".")) ->
         from dvc.lock import LockError
 
         try:
-            run(data_source, repo, adopt_rules=reason != "plan")
+            run(unwatched, repo, adopt_rules=reason != "plan")
         except (LockError, subprocess.CalledProcessError) as exc:
             say(
                 f"skipped ({exc}); Snakemake goes on with its own records and the next start "
@@ -308,11 +309,12 @@ def adopt(repo: Path, dag: Pipeline, changed: set[str]) -> list[str]:
     return files
 
 
-def run(data_source: str, repo: Path = Path("."), adopt_rules: bool = True) -> dict[str, Any]:
+def run(unwatched: set[str], repo: Path = Path("."), adopt_rules: bool = True) -> dict[str, Any]:
     """Restore, then adopt (unless only params.yaml or dvc.yaml changed and nothing was
-    restored: Snakemake's records are then still its own), then stamp."""
+    restored: Snakemake's records are then still its own), then stamp; never the `unwatched`
+    jobs."""
     repo = Path(repo)
-    skip = {"download"} if data_source == "folder" else set()
+    skip = set(unwatched)
     restored, changed, dag = restore_from_cache(repo, skip)
     if restored:
         say(f"restored from DVC's cache, nothing retrained: {', '.join(restored)}")

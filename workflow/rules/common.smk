@@ -8,7 +8,15 @@ from snakemake.exceptions import WorkflowError
 
 from cola_audio import guard, interrupt, sync
 from cola_audio.params import ParamsError, refuse_overrides, validate
-from cola_audio.stages import STAGES, Folder, all_outputs, fill, lookup, training_stages
+from cola_audio.stages import (
+    STAGES,
+    Folder,
+    all_outputs,
+    fill,
+    lookup,
+    training_stages,
+    unwatched_by_dvc,
+)
 
 try:  # a --config/--configfile value would reach Snakemake's records but no job: refuse it,
     refuse_overrides(config, "params.yaml")
@@ -37,7 +45,7 @@ def dvc_sync(wildcards):
                 guard.hold_checkout()
             except guard.Busy as exc:
                 raise WorkflowError(str(exc))
-        sync.before_planning(config["data"]["source"], real_run)
+        sync.before_planning(unwatched_by_dvc(config), real_run)
         # the sync's nested Snakemake calls delete .snakemake/locks when they end;
         # this one made it before planning and writes its own locks there next
         if real_run:
@@ -69,9 +77,9 @@ def stage_output(name, **in_report):
 
 def stage_params(name):
     """One param holding every declared key with its value: Snakemake compares a rule's params
-    as a set of values, so only a keyed mapping makes every edit of every key visible.
-    """
-    return STAGES[name].declared(config)
+    as a set of values, so only a keyed mapping makes every edit of every key visible. Per job:
+    a key may name the job's own wildcard (tasks.${item.task})."""
+    return lambda wildcards: STAGES[name].declared(config, dict(wildcards))
 
 
 def stage_shell(name):
@@ -139,6 +147,21 @@ def node_threads(wanted):
 def node_mem_mb(wanted):
     """`wanted` MB of memory, or as much as a SLURM node has if that is less."""
     return lambda wildcards: min(wanted, slurm_node_size()[1]) if on_slurm() else wanted
+
+
+def task_names():
+    """The wildcard constraint of the task stages: exactly the tasks params.yaml names."""
+    return "|".join(re.escape(n) for n in config["tasks"])
+
+
+def task_listing(wildcards):
+    """A folder task's files outside the repository, fingerprinted as folder_listing's."""
+    task = config["tasks"][wildcards.task]
+    if task["source"] != "folder" or task["demo"]:
+        return ""
+    from cola_audio.folder import listing
+
+    return listing({**task, "demo": False, "unlabelled_path": None})
 
 
 def folder_listing():
