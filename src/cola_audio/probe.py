@@ -113,15 +113,18 @@ def probe_task(
             s: matrix[[row_of[c] for c in clips.loc[clips["split"] == s, "clip"]]]
             for s in ("train", "val", "test")
         }
+        fitted: dict[bytes, dict[str, Any]] = {}  # a draw every seed makes (all labels) once
         for fraction, seed in itertools.product(
             sorted(cfg["label_fractions"]), sorted(cfg["seeds"])
         ):
             subset = fraction_subset(y["train"], fraction, seed)
-            fit = fit_probe(
-                {**x, "train": x["train"][subset]},
-                {**y, "train": y["train"][subset]},
-                cfg["C_grid"],
-            )
+            if subset.tobytes() not in fitted:
+                fitted[subset.tobytes()] = fit_probe(
+                    {**x, "train": x["train"][subset]},
+                    {**y, "train": y["train"][subset]},
+                    cfg["C_grid"],
+                )
+            fit = dict(fitted[subset.tobytes()])
             predictions[f"{init}/{fraction:g}/{seed}"] = [labels[i] for i in fit.pop("predicted")]
             scores.append(
                 {"init": init, "fraction": fraction, "seed": seed, "n_train": len(subset), **fit}
