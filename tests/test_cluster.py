@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from cola_audio.params import finetune_runs
+from cola_audio.stages import STAGES
 from conftest import PIPELINE_RULES, REPO, sh, tiny_checkout
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -95,8 +96,11 @@ def test_the_slurm_profile_runs_every_rule_as_a_slurm_job(built):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     runs = len(finetune_runs(params["finetune"]))
     shards = len(params["features"]["shards"])
-    expected = 5 + shards + runs * len(params["finetune"]["seeds"])
-    assert len(jobs) == expected, jobs
+    per_task = 4  # task_data, embed_pretrained, embed_random, probe
+    expected = (
+        5 + shards + runs * len(params["finetune"]["seeds"]) + per_task * len(params["tasks"])
+    )
+    assert len(jobs) == expected == sum(len(s.items(params)) for s in STAGES.values()), jobs
     assert json.loads(sh("dvc status --json", repo).stdout or "{}") == {}
 
 
