@@ -48,6 +48,7 @@ def dvc_changed(repo: Path) -> set[str]:
     return set(json.loads(sh("dvc status --json", repo).stdout or "{}"))
 
 
+TASK_EVALUATION = ("embed_pretrained", "embed_random", "probe")  # per task, after task_data
 RUNS = ("scratch-finetune", "random-linear", "pretrained-finetune", "pretrained-linear")
 
 
@@ -522,6 +523,9 @@ def test_featurize_param_edit_reruns_featurize_and_everything_after(work):
         "featurize_gather",
         "pretrain",
         *finetune_stages(params),
+        # each task's embeddings (the control's front-end reads features.*, the pretrained
+        # one the new encoder) and so its probe; not task_data, which reads no features
+        *(f"{s}@{t}" for s in TASK_EVALUATION for t in params["tasks"]),
         "report",
     }
     # New shards, so pretraining trains every step again (it once "resumed" a finished run).
@@ -595,7 +599,10 @@ def test_going_back_to_earlier_params_restores_instead_of_retraining_in_both_too
 
 UPSTREAM_EDITS = {  # param → (stages declaring it, every rule downstream of them)
     ("data", "synthetic", "seed"): ({"download"}, set(PIPELINE_RULES)),
-    ("features", "n_mels"): ({"featurize_shard", "featurize_gather"}, set(PIPELINE_RULES[2:])),
+    ("features", "n_mels"): (
+        {"featurize_shard", "featurize_gather", "embed_random"},  # the control's front-end
+        set(PIPELINE_RULES) - {"download", "prepare", "task_data"},
+    ),
 }
 
 
