@@ -63,6 +63,19 @@ def test_a_class_left_without_test_clips_is_one_line_naming_the_task():
         tasks.check_task(clips, "mine")
 
 
+def test_a_folder_tasks_bad_audio_folder_or_pattern_is_refused_naming_its_own_keys(
+    default_params, tmp_path
+):
+    """A task's folder is indexed as data.folder is, but the fix is in tasks.<name>."""
+    task = {**default_params["tasks"]["sounds"], "demo": None, "path": str(tmp_path / "none")}
+    with pytest.raises(FileNotFoundError, match=r"set tasks\.mine\.path to a folder"):
+        tasks.folder_clips(task, tmp_path / "out", "tasks.mine")
+    WRITERS["sounds"](tmp_path / "audio", 1)  # a class folder per sound, one clip each
+    task |= {"path": str(tmp_path / "audio"), "group_pattern": "^nomatch_(\\d+)"}
+    with pytest.raises(ValueError, match=r"tasks\.mine\.group_pattern '.*' matches no file"):
+        tasks.folder_clips(task, tmp_path / "out", "tasks.mine")
+
+
 def test_a_label_fraction_is_stratified_seeded_and_keeps_a_clip_of_every_class():
     labels = np.array([0] * 50 + [1] * 30 + [2] * 3)
     subset = probe.fraction_subset(labels, 0.1, seed=0)

@@ -27,11 +27,11 @@ import soundfile as sf
 
 from cola_audio import digest, fsutil
 from cola_audio.errors import BadInput, MissingInput
+from cola_audio.splits import SPLITS, classes_missing_a_split
 
 log = logging.getLogger(__name__)
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au")
-SPLITS = ("train", "val", "test")
 INDEX = "folder_index.csv"
 DEMO_DIR = "folder-demo"  # under data/raw, so the demo is part of download's output
 SHOWN = 5  # paths named in one message; the rest are counted
@@ -136,8 +136,8 @@ def refuse_undecodable(paths: Iterable[Path], root: Path) -> None:
         )
 
 
-def group_regex(pattern: str | None) -> re.Pattern[str] | None:
-    """`data.folder.group_pattern` compiled; params validation refuses a bad one before any job,
+def group_regex(pattern: str | None, section: str = "data.folder") -> re.Pattern[str] | None:
+    """`<section>.group_pattern` compiled; params validation refuses a bad one before any job,
     this guards direct calls."""
     if not pattern:
         return None
@@ -145,25 +145,26 @@ def group_regex(pattern: str | None) -> re.Pattern[str] | None:
         return re.compile(pattern)
     except re.error as exc:
         raise BadInput(
-            f"data.folder.group_pattern {pattern!r} is not a valid regular expression ({exc}); "
+            f"{section}.group_pattern {pattern!r} is not a valid regular expression ({exc}); "
             "fix it or set it to null"
         ) from None
 
 
-def labelled_files(cfg: dict[str, Any], root: Path) -> pd.DataFrame:
-    """path, label, split ('' when not given), group: from the labels CSV or the subfolders."""
-    regex = group_regex(cfg["group_pattern"])
+def labelled_files(cfg: dict[str, Any], root: Path, section: str = "data.folder") -> pd.DataFrame:
+    """path, label, split ('' when not given), group: from the labels CSV or the subfolders.
+    Messages name the keys under `section` (data.folder, or a task's tasks.<name>)."""
+    regex = group_regex(cfg["group_pattern"], section)
     if cfg["labels_csv"]:
-        table = _from_labels_csv(Path(cfg["labels_csv"]), root)
+        table = _from_labels_csv(Path(cfg["labels_csv"]), root, section)
     else:
-        table = _from_class_folders(root)
+        table = _from_class_folders(root, section)
     classes = sorted(set(table["label"]))
     if len(classes) < 2:
         source = cfg["labels_csv"] or root
         fix = (
             f"label files of another class in {source}"
             if cfg["labels_csv"]
-            else "add a subfolder per class (data.folder.path must hold the class subfolders)"
+            else f"add a subfolder per class ({section}.path must hold the class subfolders)"
         )
         raise BadInput(
             f"{source}: a classifier needs at least 2 classes, found {len(classes)}: "
@@ -180,14 +181,15 @@ def labelled_files(cfg: dict[str, Any], root: Path) -> pd.DataFrame:
         missed = [n for n in names if _group_match(regex, n) is None]
         if len(missed) == len(names):
             raise BadInput(
-                f"data.folder.group_pattern {cfg['group_pattern']!r} matches no file name under "
+                f"{section}.group_pattern {cfg['group_pattern']!r} matches no file name under "
                 f"{root} (e.g. {Path(table['path'].iloc[0]).name}); fix it or set it to null"
             )
         if missed:
             log.warning(
-                "data.folder.group_pattern %r matches %d of %d file names under %s (not e.g. "
+                "%s.group_pattern %r matches %d of %d file names under %s (not e.g. "
                 "%s): each of the other %d files is its own group, so a speaker among them may "
                 "span splits; widen the pattern if they share one",
+                section,
                 cfg["group_pattern"],
                 len(names) - len(missed),
                 len(names),
@@ -198,9 +200,9 @@ def labelled_files(cfg: dict[str, Any], root: Path) -> pd.DataFrame:
     return table[["path", "label", "split", "group"]].sort_values("path", ignore_index=True)
 
 
-def _from_labels_csv(csv: Path, root: Path) -> pd.DataFrame:
+def _from_labels_csv(csv: Path, root: Path, section: str) -> pd.DataFrame:
     """The labels CSV's rows, checked: columns, labels, duplicates, files present, splits."""
-    table = _read_labels_csv(csv)
+    table = _read_labels_csv(csv, section)
     missing_cols = {"path", "label"} - set(table.columns)
     if missing_cols:
         raise BadInput(f"{csv}: needs columns path,label[,split][,group]; no {missing_cols}")
@@ -219,9 +221,9 @@ def _from_labels_csv(csv: Path, root: Path) -> pd.DataFrame:
     return table
 
 
-def _read_labels_csv(csv: Path) -> pd.DataFrame:
-    """The CSV as text, or one line naming data.folder.labels_csv and the fix."""
-    what = f"data.folder.labels_csv {csv}"
+def _read_labels_csv(csv: Path, section: str) -> pd.DataFrame:
+    """The CSV as text, or one line naming <section>.labels_csv and the fix."""
+    what = f"{section}.labels_csv {csv}"
     if not csv.exists():
         raise MissingInput(
             f"{what}: no such file; give the path of a CSV with path,label[,split][,group] "
@@ -252,7 +254,7 @@ def _read_labels_csv(csv: Path) -> pd.DataFrame:
     raise BadInput(f"{what}: not UTF-8 text{at}; save it as UTF-8 and rerun")
 
 
-def _from_class_folders(root: Path) -> pd.DataFrame:
+def _from_class_folders(root: Path, section: str) -> pd.DataFrame:
     """One row per audio file under each class subfolder of `root`."""
     classes = (
         sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "_")))
@@ -261,8 +263,8 @@ def _from_class_folders(root: Path) -> pd.DataFrame:
     )  # `_background_noise_`, `.ipynb_checkpoints`: not classes
     if not classes:
         raise MissingInput(
-            f"{root}: no class subfolders; set data.folder.path to a folder "
-            "with one subfolder per class, or give data.folder.labels_csv"
+            f"{root}: no class subfolders; set {section}.path to a folder "
+            f"with one subfolder per class, or give {section}.labels_csv"
         )
     refuse_undecodable(classes, root)
     files = {d.name: audio_under(d) for d in classes}
@@ -386,9 +388,7 @@ def assign_splits(table: pd.DataFrame, cfg: dict[str, Any]) -> pd.Series:
 
 def check_splits(table: pd.DataFrame, where: str) -> None:
     """Every class needs train, val and test files; no group may span two splits."""
-    counts = table.groupby(["label", "split"]).size().unstack(fill_value=0)
-    short = [c for c in counts.index if any(counts.loc[c].get(s, 0) == 0 for s in SPLITS)]
-    if short:
+    if short := classes_missing_a_split(table):
         raise BadInput(
             f"{where}: class(es) {', '.join(short)} lack files in train, val or test "
             "(too few files or groups for the split); add files or lower the fractions"
@@ -399,14 +399,15 @@ def check_splits(table: pd.DataFrame, where: str) -> None:
         raise BadInput(f"{where}: group(s) {names} span two splits; fix their split column")
 
 
-def index(cfg: dict[str, Any], raw_dir: Path) -> pd.DataFrame:
+def index(cfg: dict[str, Any], raw_dir: Path, section: str = "data.folder") -> pd.DataFrame:
     """Write raw_dir/folder_index.csv: every file with label, split, group, SHA1 and size.
-    SHA1s come before the split, so identical bytes are kept on one side of it."""
+    SHA1s come before the split, so identical bytes are kept on one side of it. Messages name
+    the keys under `section`: data.folder, or a task's tasks.<name>."""
     root = Path(raw_dir) / DEMO_DIR if cfg["demo"] else Path(cfg["path"])
     if cfg["demo"]:
         write_demo(root)
     where = cfg["labels_csv"] or str(root)
-    table = labelled_files(cfg, root)
+    table = labelled_files(cfg, root, section)
     given = table["split"] != ""
     if given.any() and not given.all():
         raise BadInput(f"{cfg['labels_csv']}: give a split for every row or for none")

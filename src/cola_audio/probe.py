@@ -18,9 +18,9 @@ from threadpoolctl import threadpool_limits
 
 from cola_audio import fsutil
 from cola_audio.errors import BadInput, MissingInput
+from cola_audio.splits import classes_missing_a_split
 
 INITS = ("pretrained", "random")
-SPLITS = ("train", "val", "test")
 
 
 def fraction_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -77,9 +77,8 @@ def load_embeddings(folder: Path, pooling: str) -> tuple[pd.DataFrame, np.ndarra
 def check_splits(clips: pd.DataFrame, name: str) -> None:
     """After embedding (a clip one encoder skipped is dropped for both), every class still needs
     training, validation and test clips."""
-    counts = clips.groupby(["label", "split"]).size().unstack(fill_value=0)
-    short = [str(c) for c in counts.index if any(counts.loc[c].get(s, 0) == 0 for s in SPLITS)]
-    if short or len(counts) < 2:
+    short = classes_missing_a_split(clips)
+    if short or clips["label"].nunique() < 2:
         raise BadInput(
             f"tasks.{name}: after skipping clips that cannot be embedded, class(es) "
             f"{', '.join(short) or '(fewer than 2 classes left)'} lack train, val or test clips "

@@ -20,8 +20,9 @@ import pandas as pd
 from cola_audio import digest, fma, fsutil, meta
 from cola_audio.demo_tasks import GROUP_PATTERN, WRITERS
 from cola_audio.errors import BadInput
-from cola_audio.folder import SPLITS, shown
 from cola_audio.folder import index as folder_index
+from cola_audio.folder import shown
+from cola_audio.splits import classes_missing_a_split
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def _file_sha1(path: str) -> str:
         return ""
 
 
-def folder_clips(task: dict[str, Any], out: Path) -> pd.DataFrame:
+def folder_clips(task: dict[str, Any], out: Path, section: str) -> pd.DataFrame:
     """A folder task's clips, indexed and split as `data.source: folder` does (grouped, stratified,
     copies kept in one split); a demo task's audio is generated under `out/audio` first."""
     cfg = {**task, "unlabelled_path": None, "demo": False}
@@ -61,7 +62,7 @@ def folder_clips(task: dict[str, Any], out: Path) -> pd.DataFrame:
         root = out / "audio"
         WRITERS[task["demo"]](root, task["demo_clips_per_class"])
         cfg |= {"path": root.as_posix(), "group_pattern": GROUP_PATTERN}
-    table = folder_index(cfg, out)
+    table = folder_index(cfg, out, section)
     table = table.sort_values("path", ignore_index=True)
     table["clip"] = [Path(p).as_posix() for p in table["path"]]
     return table[COLUMNS]
@@ -102,9 +103,7 @@ def release_checksums(raw: Path) -> dict[str, str]:
 
 
 def check_task(clips: pd.DataFrame, name: str) -> None:
-    counts = clips.groupby(["label", "split"]).size().unstack(fill_value=0)
-    short = [str(c) for c in counts.index if any(counts.loc[c].get(s, 0) == 0 for s in SPLITS)]
-    if short:
+    if short := classes_missing_a_split(clips):
         raise BadInput(
             f"tasks.{name}: class(es) {shown(short)} have no clip left in train, val or test "
             "(after leaving out audio pretraining saw); add audio or lower the fractions"
@@ -118,7 +117,7 @@ def run(params: dict[str, Any], name: str, raw: Path, meta_dir: Path, out: Path)
     if task["source"] == "release":
         clips = release_clips(meta.read(meta_dir, "finetune"), checksums)
     else:
-        clips = folder_clips(task, out)
+        clips = folder_clips(task, out, f"tasks.{name}")
     if params["prepare"]["exclude_eval_from_pretrain"]:
         seen = pretraining_sha1s(meta.read(meta_dir, "pretrain"), checksums)
         clips, excluded = split_off_seen(clips, seen)
