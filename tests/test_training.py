@@ -281,6 +281,49 @@ def test_the_encoder_does_not_depend_on_the_cores_a_job_is_granted(tiny_data, tm
         torch.set_num_threads(ambient)
 
 
+# What a CPU without AVX2 (or with other kernels) would make each library choose: its most basic
+LOWEST_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+LOWEST_KERNELS |= {"MKL_CBWR": "COMPATIBLE"}
+UNPINNED = (  # pretraining as a stage runs it, but without `cola`'s cap on the kernels
+    "import json, sys; from pathlib import Path; from cola_audio import pretrain; "
+    "p, f, m, o = map(Path, sys.argv[1:]); "
+    "pretrain.run(json.loads(p.read_text()), features=f, meta_dir=m, out_dir=o)"
+)
+
+
+def test_cola_pretrain_gives_the_same_encoder_whatever_kernels_the_cpu_would_offer(
+    tiny_data, tmp_path
+):
+    """Issue 21: torch, oneDNN and MKL each pick kernels by CPU kind, and those round differently
+    (an AVX-512 CPU trained another encoder). Another CPU is simulated by the variables through
+    which each library chooses: the most basic kernels give another encoder without the cap
+    (checked first), and `cola pretrain`, which caps them before torch loads, gives one encoder
+    whatever the environment asks for."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_data["params"]))
+    (tmp_path / "params.json").write_text(json.dumps(tiny_data["params"]))
+    data = [str(tiny_data["features"]), str(tiny_data["meta"])]
+    env = {k: v for k, v in os.environ.items() if k not in LOWEST_KERNELS} | {
+        "PYTHONPATH": str(REPO / "src"),
+        "OMP_NUM_THREADS": "1",
+    }
+
+    def encoder(name: str, command: list[str], kernels: dict[str, str]) -> bytes:
+        out = tmp_path / name
+        subprocess.run(
+            [sys.executable, *command, str(out)], env=env | kernels, check=True, timeout=600
+        )
+        return (out / "encoder.safetensors").read_bytes()
+
+    unpinned = ["-c", UNPINNED, str(tmp_path / "params.json"), *data]
+    if encoder("native", unpinned, {}) == encoder("lowest", unpinned, LOWEST_KERNELS):
+        pytest.skip("this CPU's kernels and the most basic ones round alike: nothing to pin")
+    cola = ["-c", "import sys; from cola_audio.cli import main; sys.exit(main(sys.argv[1:]))"]
+    cola += ["--params", str(params), "pretrain", "--features", data[0], "--meta", data[1]]
+    cola.append("--out")
+    assert encoder("cola-native", cola, {}) == encoder("cola-lowest", cola, LOWEST_KERNELS)
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_killed_finetune_resumes_to_the_same_metrics_as_an_uninterrupted_one(
     tiny_data, tmp_path, workers

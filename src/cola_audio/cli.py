@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cola_audio import cpu_kernels
 from cola_audio import params as params_mod
 from cola_audio.errors import BadInput, InputError, environment_problem
 
@@ -272,6 +273,7 @@ def _add_tools(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    cpu_kernels.pin()  # before any stage loads torch: the same bytes on any x86 CPU
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
