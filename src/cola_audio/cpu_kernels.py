@@ -3,14 +3,14 @@
 Left alone, each library picks the widest kernels its CPU offers (AVX-512 on many servers), and
 wider kernels add float sums in another order: the same default pretraining gave another encoder
 on an AVX-512 CPU than the committed dvc.lock's (issue 21), so `dvc repro` on a teammate's machine
-did not give `dvc pull`'s bytes. AVX2 is on every x86-64 server and desktop CPU of the last
-decade; on this project's AVX2 machine the cap changed neither the bytes nor the speed.
+did not give `dvc pull`'s bytes. Most x86-64 CPUs of the last decade have AVX2; on this
+project's (AMD, AVX2) machine the cap changed neither the bytes nor the speed.
 
 Each library reads its variable once, when first used, so the cap is set before torch loads;
 a process that imported torch earlier (a test calling `cli.main`) keeps the kernels it has.
 The cap overrides these variables when a user sets them: the bytes are a function of the inputs,
-not of the shell. What it does not cover is in docs/determinism.md (MKL's fixed AVX2 branch
-exists on Intel CPUs only; CPUs without AVX2; GPUs).
+not of the shell. What it is not known to cover is in docs/determinism.md (MKL's fixed AVX2
+branch exists on Intel CPUs only; CPUs without AVX2; GPUs; torch used from your own Python).
 """
 
 from __future__ import annotations
