@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {
     "the CPU's own kernels": {},
     "capped at AVX2 (every `cola` command)": PINNED,
+    "capped, MKL's compatible branch": PINNED | {"MKL_CBWR": "COMPATIBLE"},
     "most basic (SSE, MKL compatible)": {
         "ATEN_CPU_CAPABILITY": "default",
         "ONEDNN_MAX_CPU_ISA": "SSE41",
@@ -73,7 +74,7 @@ def cpu_name() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     cfg = yaml.safe_load((REPO / "params.yaml").read_text())["pretrain"]
     cfg = {k: cfg[k] for k in ("batch_size", "crop_frames", "threads")}

@@ -3,8 +3,9 @@
 Left alone, each library picks the widest kernels its CPU offers (AVX-512 on many servers), and
 wider kernels add float sums in another order: the same default pretraining gave another encoder
 on an AVX-512 CPU than the committed dvc.lock's (issue 21), so `dvc repro` on a teammate's machine
-did not give `dvc pull`'s bytes. Most x86-64 CPUs of the last decade have AVX2; on this
-project's (AMD, AVX2) machine the cap changed neither the bytes nor the speed.
+did not give `dvc pull`'s bytes. Most x86-64 CPUs of the last decade have AVX2. On this
+project's (AMD, AVX2) machine the cap kept the encoder's bytes and the speed; MKL's reproducible
+mode moved some embeddings by ≤ 6e-5 (docs/determinism.md).
 
 Each library reads its variable once, when first used, so the cap is set before torch loads;
 a process that imported torch earlier (a test calling `cli.main`) keeps the kernels it has.
