@@ -455,8 +455,11 @@ def test_after_dvc_repro_snakemake_has_nothing_to_do(work):
 
 
 def checkout_state(repo: Path) -> dict[str, tuple[int, int]]:
-    """(size, mtime) of every file in the checkout but Snakemake's logs and DVC's tmp folder."""
-    skip = (".snakemake/log/", ".dvc/tmp/", ".snakemake/auxiliary/")
+    """(size, mtime) of every file in the checkout but Snakemake's logs, its file-state cache and
+    DVC's tmp folder. Snakemake itself saves that cache (.snakemake/iocache/latest.pkl) at every
+    `-n` and deletes it at `--summary`, `--dag`, `--list-params-changes` and real runs; only
+    `--trust-io-cache` reads it. Left in, a test starting after a `-n` saw `--summary` delete it."""
+    skip = (".snakemake/log/", ".dvc/tmp/", ".snakemake/auxiliary/", ".snakemake/iocache/")
     return {
         str(p.relative_to(repo)): (p.stat().st_size, p.stat().st_mtime_ns)
         for p in repo.rglob("*")
