@@ -1,5 +1,6 @@
 import copy
 import errno
+import importlib.util
 import os
 import re
 import signal
@@ -341,3 +342,16 @@ def test_a_job_params_yaml_does_not_list_is_refused_before_any_work(tmp_path, ca
     assert cli.main(argv) == 1
     assert "is not a job of" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("n", [1000, 3000, 30_000, 106_574])
+def test_the_scale_benchmarks_params_are_valid_and_hold_n_clips(n):
+    """benchmarks/scale.py edits params.yaml for each corpus size: a schema change that breaks
+    those edits is caught here, not after the benchmark's first hour."""
+    spec = importlib.util.spec_from_file_location("scale", REPO / "benchmarks" / "scale.py")
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    edited = params.validate(scale.scaled_params(n))
+    synthetic = edited["data"]["synthetic"]
+    assert 8 * synthetic["small_tracks_per_genre"] + synthetic["large_only_tracks"] == n
+    assert list(edited["tasks"]) == ["genre"]

@@ -1,4 +1,5 @@
-"""`cola download`: put the FMA release (real or embedded) under data/raw in the release's layout.
+"""`cola download`: put the FMA release (real or embedded) under data/raw in the release's layout,
+and the SHA1 of every file there in data/raw.sha1sums (what the stages reading the audio depend on).
 
 Real archives are large (up to 93 GiB) and the server is far away, so a transfer resumes with HTTP
 Range after an interruption, retries with backoff, and only gets its final name once its SHA1
@@ -560,3 +561,26 @@ def run(
         folders = download_fma(data, params["download"], raw_dir, archive_dir)
         log.info("FMA archives verified and extracted: %s", ", ".join(map(str, folders)))
     fsutil.write_json(raw_dir / "SOURCE.json", {"source": data["source"]})
+    write_manifest(raw_dir)
+
+
+def manifest_path(raw_dir: Path) -> Path:
+    """data/raw → data/raw.sha1sums, beside the folder it lists."""
+    return Path(raw_dir).with_name(f"{Path(raw_dir).name}.sha1sums")
+
+
+def write_manifest(raw_dir: Path) -> Path:
+    """`sha1  path` of every file under `raw_dir`, sorted, as `sha1sum` writes them (check with
+    `cd data/raw && sha1sum -c ../raw.sha1sums`): the one file the stages reading the audio
+    depend on, in both tools. DVC hashes a folder dependency anew for every stage declaring it, so
+    `dvc status` grew with files × stages (a 30,000-file data/raw behind 6 stages: 9.5 s; behind
+    32 shards at fma_large scale it would be minutes: benchmarks/scale.py, docs/storage.md).
+    data/raw is download's output and nothing else writes there, so its bytes change only when
+    download reruns, and download rewrites this list each time; edited by hand, data/raw shows
+    as download's changed output and a rerun puts the verified bytes back."""
+    raw_dir = Path(raw_dir)
+    files = sorted(p for p in raw_dir.rglob("*") if p.is_file())
+    lines = [f"{digest.file_digest(p)}  {p.relative_to(raw_dir).as_posix()}\n" for p in files]
+    path = manifest_path(raw_dir)
+    fsutil.write_text(path, "".join(lines))
+    return path

@@ -26,6 +26,10 @@ from cola_audio import codedeps
 Params = dict[str, Any]
 
 RAW, META, FEATURES, SHARDS = "data/raw", "data/meta", "data/features", "data/features/shards"
+# The SHA1 of every file in RAW, written by download (download.manifest_path): the dependency of
+# the stages that read the audio. A folder dependency is hashed anew for each stage declaring it
+# (DVC walks all its files every time), one file is not: `dvc status` stays one walk of RAW.
+RAW_SUMS = f"{RAW}.sha1sums"
 PRETRAIN, FINETUNE, REPORTS = "models/pretrain", "models/finetune", "reports"
 TASK, PROBES = "data/tasks/{task}", "models/probe"
 ENCODER = f"{PRETRAIN}/encoder.safetensors"
@@ -312,7 +316,7 @@ STAGES: dict[str, Stage] = {
             entry="download",
             cmd=f"download --out {RAW}",
             deps={},
-            outs={"raw": Out(RAW, folder=True)},
+            outs={"raw": Out(RAW, folder=True), "sums": Out(RAW_SUMS)},
             # only what changes the audio: never the other source's section, nor `download`
             params=(
                 "data.source",
@@ -327,7 +331,7 @@ STAGES: dict[str, Stage] = {
             name="prepare",
             entry="prepare",
             cmd=f"prepare --raw {RAW} --out {META}",
-            deps={"schema": "workflow/schemas/meta.schema.yaml", "raw": RAW},
+            deps={"schema": "workflow/schemas/meta.schema.yaml", "raw": RAW_SUMS},
             outs={name: Out(f"{META}/{name}.json") for name in ("labels", "finetune", "pretrain")},
             params=("data.source", "data.finetune_subset", "data.pretrain_subset", "prepare"),
             summary="metadata JSON: official split, stable label ids, leakage-free pretraining set",
@@ -337,7 +341,7 @@ STAGES: dict[str, Stage] = {
             entry="featurize",
             cmd=f"featurize --shard {{shard}} --meta {META} --out {FEATURES}",
             deps={
-                "raw": RAW,
+                "raw": RAW_SUMS,
                 "finetune": f"{META}/finetune.json",
                 "pretrain": f"{META}/pretrain.json",
             },
@@ -386,7 +390,7 @@ STAGES: dict[str, Stage] = {
             entry="tasks",
             cmd=f"task-data --task {{task}} --raw {RAW} --meta {META} --out {TASK}/data",
             deps={
-                "raw": RAW,
+                "raw": RAW_SUMS,
                 "finetune": f"{META}/finetune.json",
                 "pretrain": f"{META}/pretrain.json",
             },
