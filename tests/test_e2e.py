@@ -753,3 +753,28 @@ def test_a_signal_to_snakemake_stops_its_jobs_and_the_next_plain_run_resumes(wor
         assert "resuming the interrupted run" in (repo / "logs" / "pretrain.log").read_text()
     sh("snakemake --cores 2 --until pretrain", repo)  # the committed encoder, from DVC's cache
     assert "pretrain" not in dvc_changed(repo)
+
+
+def test_shards_built_from_hand_edited_audio_are_not_committed_against_the_sums(work):
+    """The stages reading the audio depend on data/raw.sha1sums, which describe data/raw only as
+    download wrote it. A clip edited by hand (Snakemake does not look inside data/raw), then a
+    features edit: Snakemake rebuilds the shards from the edited clip, and dvc.lock must keep
+    their old entries until download reruns, never pair the sums with shards of other audio."""
+    repo = work["repo"]
+    sh("snakemake --cores 2", repo)  # the built pipeline (a no-op after the tests above)
+    clips = sorted((repo / "data" / "raw" / "fma_large").rglob("*.mp3"))
+    clips[0].write_bytes(clips[1].read_bytes())
+    before = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+
+    def other_floor(params):
+        params["features"]["log_floor"] = 2.0e-5
+
+    with edited_params(repo, other_floor):
+        run = sh("snakemake --cores 2 --until featurize_gather", repo)
+        out = run.stdout + run.stderr
+        assert "rule featurize_shard:" in out
+        assert "does not describe the audio it read" in out, out[-3000:]
+        lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+        shards = [name for name in lock if name.startswith("featurize_shard@")]
+        assert shards and all(lock[name] == before[name] for name in shards)
+        assert {"download", *shards} <= dvc_changed(repo)

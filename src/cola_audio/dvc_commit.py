@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from cola_audio import buildrecord, sync
-from cola_audio.stages import lookup, unwatched_by_dvc
+from cola_audio.stages import RAW_SUMS, lookup, unwatched_by_dvc
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,17 @@ def dvc_view(stage: Any, params: dict[str, Any]) -> tuple[dict[str, Any], list[s
     return {k: lookup(params, k) for k in keys}, deps, [o.def_path for o in stage.outs]
 
 
+def unvouched_audio() -> str:
+    """Why a stage reading data/raw is not committed while download's entry is left as it was:
+    its dependency is data/raw.sha1sums, which vouches for the audio only as download wrote it
+    (data/raw edited by hand, and a job read it before download reran)."""
+    return (
+        f"data/raw differs from download's entry in dvc.lock, so {RAW_SUMS} does not describe "
+        "the audio it read; rerun download (`dvc repro download`, `snakemake --forcerun "
+        "download`), then this stage"
+    )
+
+
 def run(repo: Path = Path(".")) -> int:
     """Commit every changed stage whose build record matches DVC's view, upstream first. When
     this Snakemake started in sync with DVC (`cola sync-dvc`), also stamp the state: both tools
@@ -70,6 +81,7 @@ def run(repo: Path = Path(".")) -> int:
     repo = Path(repo)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     committed, kept = [], []
+    left_changed: set[str] = set()  # changed stages whose old entries stay
     unwatched = unwatched_by_dvc(params)
     with Repo(str(repo)) as dvc_repo, lock_repo(dvc_repo):
         dag = sync.Pipeline(dvc_repo)
@@ -78,8 +90,11 @@ def run(repo: Path = Path(".")) -> int:
                 continue
             values, deps, outs = dvc_view(stage, params)
             why = buildrecord.mismatch(stage.name, values, deps, outs, repo)
+            if why is None and RAW_SUMS in deps and "download" in left_changed:
+                why = unvouched_audio()
             if why is not None:
                 kept.append(f"{stage.name} ({why})")
+                left_changed.add(stage.addressing)
                 continue
             times = snapshot([repo / o for o in outs])
             # DVC's run cache keys a run by its deps; a folder source's audio is none of them
